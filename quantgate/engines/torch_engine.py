@@ -1,0 +1,325 @@
+"""The `torch` backend: runs an exported checkpoint on CPU or CUDA with its quantized numerics.
+
+transformers does not understand ModelOpt's `quant_method: modelopt` and silently loads raw codes
+without scales (STACK.md). So this backend reads the safetensors itself: it dequantizes FP8 / INT8 /
+packed-INT4 weights with their scales, keeps `pre_quant_scale` as an input multiplier, and
+fake-quantizes activations from `input_scale` exactly as ModelOpt's simulated quantization does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantgate.engines.base import (
+    Engine,
+    EngineInfo,
+    EngineLimits,
+    Generation,
+    ScoreRequest,
+    ScoreResult,
+    trim_at_stop,
+)
+from quantgate.errors import StageError
+
+if TYPE_CHECKING:
+    from quantgate.artifacts import Checkpoint
+    from quantgate.recipe import EngineSpec
+
+log = logging.getLogger(__name__)
+
+FP8_MAX = 448.0
+SUPPORTED_ALGOS = {None, "FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ"}
+
+
+# ---- numerics of the exported formats ---------------------------------------------------------
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out/2, in] -> int8 [out, in]. Inverse of ModelOpt's `pack_int4_in_uint8`:
+    rows 2j and 2j+1 share a byte (row 2j in the low nibble), values are signed 4-bit."""
+    low = (packed & 0x0F).to(torch.int16)
+    high = ((packed >> 4) & 0x0F).to(torch.int16)
+    low = (low ^ 8) - 8  # sign-extend a nibble
+    high = (high ^ 8) - 8
+    out = torch.stack([low, high], dim=1)  # [out/2, 2, in]
+    return out.reshape(-1, packed.shape[-1]).to(torch.int8)
+
+
+def dequantize_weight(
+    weight: torch.Tensor, scale: torch.Tensor | None, quant_algo: str | None, group_size: int | None
+) -> torch.Tensor:
+    """Exported weight (+ scale) -> float32 weight, as the in-memory fake-quant model uses it."""
+    if scale is None:
+        return weight.float()
+    if weight.dtype == torch.float8_e4m3fn:
+        s = scale.float()
+        return weight.float() * (s[:, None] if s.dim() == 1 else s)
+    if weight.dtype == torch.int8:  # INT8 SmoothQuant: per-output-channel scales
+        return weight.float() * scale.float().reshape(-1, 1)
+    if weight.dtype == torch.uint8:  # packed INT4, per-block scales [out, in/block]
+        w = unpack_int4(weight).float()
+        block = w.shape[1] // scale.shape[1]
+        if group_size and block != group_size:
+            raise StageError("engine", f"INT4 scale blocks ({block}) disagree with group_size {group_size}")
+        return w * scale.float().repeat_interleave(block, dim=1)
+    raise StageError("engine", f"unsupported quantized weight dtype {weight.dtype} for {quant_algo}")
+
+
+def fp8_fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def int8_fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).round().clamp(-128, 127) * scale
+
+
+class QuantLinear(nn.Module):
+    """Linear layer of an exported checkpoint: optional input smoothing and activation fake-quant
+    in front of a dequantized weight."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        pre_quant_scale: torch.Tensor | None,
+        act_quant: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        input_scale: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.register_buffer("pre_quant_scale", pre_quant_scale)
+        self.register_buffer("input_scale", input_scale)
+        self.act_quant = act_quant
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        if self.act_quant is not None:
+            x = self.act_quant(x, self.input_scale)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def load_exported_model(ckpt_dir: Path, device: str, compute_dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the HF architecture from config.json and load the exported tensors with their
+    quantized numerics. Returns (model, stats)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qcfg_path = ckpt_dir / "hf_quant_config.json"
+    qcfg = json.loads(qcfg_path.read_text())["quantization"] if qcfg_path.is_file() else {}
+    algo = qcfg.get("quant_algo")
+    if algo not in SUPPORTED_ALGOS:
+        raise StageError("engine", f"the torch backend does not reproduce quant_algo {algo!r} (supported: FP8, W8A8_SQ_PER_CHANNEL, W4A16_AWQ, W4A8_AWQ)")
+    if qcfg.get("kv_cache_quant_algo"):
+        raise StageError("engine", f"the torch backend does not reproduce a quantized KV cache ({qcfg['kv_cache_quant_algo']}); use engine.backend=tensorrt-llm or quantization.kv_cache=none")
+    group_size = qcfg.get("group_size")
+
+    config = AutoConfig.from_pretrained(ckpt_dir)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # else transformers tries (and fails) to apply it
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    model.eval()
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(ckpt_dir.glob("*.safetensors")):
+        with safe_open(shard, framework="pt", device="cpu") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensors[key] = fh.get_tensor(key)
+
+    act_quant = None
+    if algo in ("FP8", "W4A8_AWQ"):
+        act_quant = fp8_fake_quant
+    elif algo == "W8A8_SQ_PER_CHANNEL":
+        act_quant = int8_fake_quant
+
+    quantized = [k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")]
+    for name in quantized:
+        w = dequantize_weight(tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_scale"), algo, group_size)
+        for extra in ("weight_scale_2",):
+            tensors.pop(f"{name}.{extra}", None)
+        pqs = tensors.pop(f"{name}.pre_quant_scale", None)
+        in_scale = tensors.pop(f"{name}.input_scale", None)
+        bias = tensors.pop(f"{name}.bias", None)
+        layer = QuantLinear(
+            w.to(device, compute_dtype),
+            bias.to(device, compute_dtype) if bias is not None else None,
+            pqs.to(device, compute_dtype) if pqs is not None else None,
+            act_quant if in_scale is not None else None,
+            in_scale.to(device, torch.float32).to(compute_dtype) if in_scale is not None else None,
+        )
+        _set_module(model, name, layer)
+    # Unquantized layers that still carry a pre_quant_scale (AWQ folds most into norms).
+    for key in [k for k in tensors if k.endswith(".pre_quant_scale")]:
+        raise StageError("engine", f"unexpected pre_quant_scale without weight_scale: {key}")
+
+    state = {k: v.to(device, compute_dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [m for m in missing if not (tied and m.startswith("lm_head"))]
+    # QuantLinear params were installed directly; they are "missing" from the file by design.
+    missing = [m for m in missing if m.rsplit(".", 1)[0] not in quantized]
+    if missing or unexpected:
+        raise StageError("engine", f"checkpoint tensors do not match the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if tied:
+        model.tie_weights()
+    return model, {"quant_algo": algo, "quantized_layers": len(quantized)}
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StageError("engine", "engine.device is 'cuda' but no CUDA GPU is visible; use engine.device=cpu or auto")
+    return device
+
+
+def compute_dtype_for(device: str, checkpoint_dtype: str) -> torch.dtype:
+    # CPU kernels for fp16/bf16 are slow or missing; fp32 on CPU keeps both sides on one footing.
+    if device == "cpu":
+        return torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(checkpoint_dtype, torch.float16)
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, device: str, *, settings: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.settings = settings or {}
+        cfg_eos = getattr(model.config, "eos_token_id", None)
+        ids = set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        self._eos_ids = sorted(ids)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos_ids[0]
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, spec: EngineSpec) -> TorchEngine:
+        from transformers import AutoTokenizer
+
+        device = resolve_device(spec.device)
+        dtype = compute_dtype_for(device, checkpoint.dtype)
+        model, stats = load_exported_model(checkpoint.dir, device, dtype)
+        tok = AutoTokenizer.from_pretrained(checkpoint.dir)
+        limits = EngineLimits(spec.max_batch_size, spec.max_input_len, spec.max_seq_len)
+        return cls(model, tok, limits, device, settings=stats)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any, limits: EngineLimits | None = None, device: str | None = None) -> TorchEngine:
+        """Wrap an in-memory HF (or ModelOpt-quantized) model, e.g. for alignment tests."""
+        device = device or str(next(model.parameters()).device)
+        return cls(model.eval(), tokenizer, limits or EngineLimits(), device, settings={"in_memory": True})
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            backend=self.backend,
+            device=self.device if self.device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
+            compute_dtype=str(self.dtype).replace("torch.", ""),
+            settings={"max_batch_size": self.limits.max_batch_size, "max_input_len": self.limits.max_input_len, "max_seq_len": self.limits.max_seq_len},
+        )
+
+    # -- scoring --
+    @torch.inference_mode()
+    def score(self, requests: Sequence[ScoreRequest], top_k: int = 0) -> list[ScoreResult]:
+        results: list[ScoreResult | None] = [None] * len(requests)
+        # Longest first: similar lengths share a batch, less padding.
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].token_ids))
+        bs = self.limits.max_batch_size
+        for b in range(0, len(order), bs):
+            idx = order[b : b + bs]
+            batch = [requests[i] for i in idx]
+            for req in batch:
+                if req.start < 1 or req.start > len(req.token_ids):
+                    raise ValueError(f"score start {req.start} outside 1..{len(req.token_ids)}")
+                if len(req.token_ids) > self.limits.max_seq_len:
+                    raise StageError("engine", f"sequence of {len(req.token_ids)} tokens exceeds engine.max_seq_len={self.limits.max_seq_len}")
+            width = max(len(r.token_ids) for r in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, req in enumerate(batch):
+                ids[row, : len(req.token_ids)] = torch.tensor(req.token_ids)
+                mask[row, : len(req.token_ids)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for row, (i, req) in enumerate(zip(idx, batch, strict=True)):
+                n = len(req.token_ids)
+                # logits at t-1 predict token t
+                lp = torch.log_softmax(logits[row, req.start - 1 : n - 1].float(), dim=-1)
+                target = torch.tensor(req.token_ids[req.start :], device=lp.device)
+                tok_lp = lp.gather(1, target[:, None]).squeeze(1)
+                greedy = lp.argmax(dim=-1) == target
+                res = ScoreResult(tok_lp.tolist(), greedy.tolist())
+                if top_k:
+                    top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+                    res.top_ids, res.top_logprobs = top.indices.tolist(), top.values.tolist()
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    # -- generation --
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+        out: list[Generation | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        bs = self.limits.max_batch_size
+        for p in prompts:
+            if len(p) > self.limits.max_input_len:
+                raise StageError("engine", f"prompt of {len(p)} tokens exceeds engine.max_input_len={self.limits.max_input_len}")
+        for b in range(0, len(order), bs):
+            idx = order[b : b + bs]
+            batch = [prompts[i] for i in idx]
+            width = max(len(p) for p in batch)
+            budget = min(max_new_tokens, self.limits.max_seq_len - width)
+            # Left padding so every row continues from its last real token.
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, p in enumerate(batch):
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            gen = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=max(budget, 1), do_sample=False, num_beams=1,
+                eos_token_id=self._eos_ids, pad_token_id=self.pad_id,
+                stop_strings=list(stop) or None, tokenizer=self.tokenizer if stop else None,
+                temperature=None, top_p=None, top_k=None,
+            )
+            for row, i in enumerate(idx):
+                new = gen[row, width:].tolist()
+                reason = "length"
+                for j, t in enumerate(new):
+                    if t in self._eos_ids:
+                        new, reason = new[:j], "eos"
+                        break
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                text, stopped = trim_at_stop(text, stop)
+                if stopped:
+                    reason = "stop"
+                out[i] = Generation(new, text, reason)
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
