@@ -55,9 +55,22 @@ def check_model_source(spec: ModelSpec, source_name: str) -> None:
         return
     if src.count("/") != 1:
         raise RecipeError(source_name, "model.source", f"{src!r} is neither an existing path nor a hub id of the form org/name")
+    if not _hub_available(src, spec.revision) and not _hub_reachable():
+        raise RecipeError(source_name, "model.source", f"hub id {src!r} is not in the local Hugging Face cache and huggingface.co is unreachable; use a local directory, a .gguf file or the bundled model")
 
 
-def _hub_reachable(timeout: float = 4.0) -> bool:
+def _hub_available(repo_id: str, revision: str | None) -> bool:
+    """Already in the local HF cache (works offline)?"""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        return isinstance(hit, str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
         return False
     import socket
@@ -144,7 +157,7 @@ def resolve_model_dir(spec: ModelSpec) -> Path:
     if p.is_dir():
         return p
     # Hub id.
-    if not _hub_reachable():
+    if not _hub_available(src, spec.revision) and not _hub_reachable():
         raise RecipeError("recipe", "model.source", f"hub id {src!r} needs network access to huggingface.co, which is unreachable; use a local directory or the bundled model")
     from huggingface_hub import snapshot_download
 

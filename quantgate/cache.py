@@ -1,0 +1,86 @@
+"""Content-addressed baseline cache.
+
+The baseline's evaluation results are stored under a key that covers everything that changes
+them: model content, tokenizer and chat template, suite data and task YAMLs, library versions,
+engine backend and settings, dtype, device type, generation settings, limits and seeds. The key's
+parts double as the gate's comparability facts. Entries carry a checksum; a corrupt entry is
+rejected and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from quantgate.models import cache_root
+from quantgate.rundir import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def baseline_root() -> Path:
+    return cache_root() / "baselines"
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_entry(key: str) -> str | None:
+    """The cached results JSON for `key`, or None (missing or corrupt: corrupt ones are removed)."""
+    entry = baseline_root() / key
+    results, meta = entry / "results.json", entry / "entry.json"
+    if not (results.is_file() and meta.is_file()):
+        return None
+    try:
+        text = results.read_text(encoding="utf-8")
+        expected = json.loads(meta.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError):
+        expected, text = None, ""
+    if expected != _sha(text):
+        log.warning("baseline cache entry %s is corrupt; recomputing", key)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return text
+
+
+def store_entry(key: str, results_json: str, parts: dict[str, Any]) -> None:
+    entry = baseline_root() / key
+    atomic_write_text(entry / "results.json", results_json)
+    atomic_write_json(entry / "entry.json", {"sha256": _sha(results_json), "key_parts": parts})
+
+
+def list_entries() -> list[dict[str, Any]]:
+    out = []
+    root = baseline_root()
+    if not root.is_dir():
+        return out
+    for entry in sorted(root.iterdir()):
+        meta = entry / "entry.json"
+        if not meta.is_file():
+            continue
+        try:
+            parts = json.loads(meta.read_text())["key_parts"]
+        except (OSError, ValueError, KeyError):
+            parts = {}
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        out.append({"key": entry.name, "model": parts.get("model_source", "?"), "format": parts.get("dtype", "?"),
+                    "backend": parts.get("backend", "?"), "bytes": size, "mtime": meta.stat().st_mtime})
+    return out
+
+
+def clear() -> int:
+    root = cache_root()
+    n = len(list_entries())
+    for sub in ("baselines", "baseline_checkpoints"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    return n

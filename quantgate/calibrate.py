@@ -1,0 +1,61 @@
+"""Calibration stage: ModelOpt `mtq.quantize` with the format's config and a forward loop over
+calibration batches. The model is quantized in place (no copy: an 8B model must fit in ~1.2x its
+16-bit weights)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from quantgate.artifacts import CalibrationInfo
+from quantgate.data import calibration_batches
+from quantgate.errors import StageError
+
+if TYPE_CHECKING:
+    from quantgate.formats import FormatSpec
+    from quantgate.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def check_awq_block_size(model: Any, block: int) -> None:
+    """INT4 export needs every quantized Linear's input dim divisible by the block size
+    (ModelOpt: "partial blocks are not supported"). Check before spending minutes calibrating."""
+    import torch
+
+    bad = sorted({m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n and m.in_features % block})
+    if bad:
+        fits = [b for b in (128, 64, 32) if all(d % b == 0 for d in bad)]
+        hint = f"; set quantization.awq_block_size={fits[0]}" if fits else ""
+        raise StageError("calibrate", f"AWQ block size {block} does not divide linear input dims {bad}{hint}")
+
+
+def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, device: str) -> CalibrationInfo:
+    import torch
+
+    if fmt.uses_awq:
+        check_awq_block_size(model, recipe.quantization.awq_block_size or fmt.default_awq_block_size or 128)
+    data = calibration_batches(recipe.calibration, tokenizer)
+    cfg = fmt.build_modelopt_config(recipe.quantization)
+    import modelopt.torch.quantization as mtq
+    from tqdm.auto import tqdm
+
+    passes = {"n": 0}
+
+    def forward_loop(m: Any) -> None:
+        # AWQ runs the loop more than once (statistics, then search); show each pass.
+        passes["n"] += 1
+        for batch in tqdm(data.batches, desc=f"calibrate {fmt.name} pass {passes['n']}", leave=False, disable=None):
+            m(batch.to(device))
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        mtq.quantize(model, cfg, forward_loop)
+    seconds = time.perf_counter() - t0
+    log.info("calibrated %s on %d x %d tokens in %.1f s (%d passes)", fmt.name, recipe.calibration.num_samples, recipe.calibration.seq_len, seconds, passes["n"])
+    return CalibrationInfo(
+        dataset=recipe.calibration.dataset, num_samples=recipe.calibration.num_samples,
+        seq_len=recipe.calibration.seq_len, seed=recipe.calibration.seed,
+        content_sha256=data.sha256, tokens=data.tokens, seconds=round(seconds, 3),
+    )
