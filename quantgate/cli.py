@@ -105,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _apply_env_tracking(recipes)
     from quantgate.preflight import preflight
 
-    for recipe, path in recipes:
+    for recipe, _ in recipes:
         report = preflight(recipe)
         for line in report.lines:
             log.info("[%s] preflight: %s", recipe.name, line)

@@ -23,6 +23,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def cast_weights_keep_quantizers(model: Any, dtype: Any) -> None:
+    """Cast weights and buffers to the export dtype in place (no copy), but keep ModelOpt's
+    quantizer state (amax, pre_quant_scale) in float32: `model.to(float16)` rounds amax, which
+    shifts every scale and re-rounds ~10% of FP8 weight codes (KL 0.04 on SmolLM2 vs 1e-5)."""
+    import torch
+
+    keep = set()
+    for module in model.modules():
+        if "Quantizer" in type(module).__name__:
+            keep.update(id(t) for t in module.parameters(recurse=False))
+            keep.update(id(t) for t in module.buffers(recurse=False))
+    for module in model.modules():
+        for _, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in keep and param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            # Rotary inv_freq stays float32, as transformers keeps it.
+            if buf is not None and id(buf) not in keep and buf.is_floating_point() and name != "inv_freq":
+                module._buffers[name] = buf.to(dtype)
+
+
 def export_checkpoint(model: Any, tokenizer: Any, fmt: FormatSpec, dtype: str, out_dir: Path) -> Checkpoint:
     import torch
 
@@ -30,8 +51,7 @@ def export_checkpoint(model: Any, tokenizer: Any, fmt: FormatSpec, dtype: str, o
     t0 = time.perf_counter()
     tmp = staging_dir(out_dir)
     try:
-        # Unquantized tensors are written in the model's dtype: cast in place (no copy).
-        model.to(torch_dtype)
+        cast_weights_keep_quantizers(model, torch_dtype)
         if fmt.export_kind == "hf":
             model.save_pretrained(tmp)
         else:

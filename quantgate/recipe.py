@@ -83,6 +83,23 @@ class EngineSpec(_Strict):
         description="TensorRT-LLM path: 'pytorch' (LLM API on the unified checkpoint), 'legacy' "
         "(TRT-LLM checkpoint + trtllm-build engine), 'auto' picks by format.",
     )
+    max_num_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="TensorRT-LLM: most tokens batched in one engine step; must be >= max_input_len "
+        "(null: max_batch_size x max_input_len, capped at 16384, never below max_input_len).",
+    )
+    trtllm_gemm_plugin: Literal["auto", "disable", "float16", "bfloat16", "fp8", "nvfp4"] | None = Field(
+        None,
+        description="Legacy path only: trtllm-build --gemm_plugin (null: 'disable' for FP8 and INT8-SQ, "
+        "which build as QDQ layers, else 'auto').",
+    )
+    trtllm_score_mode: Literal["auto", "prompt_logprobs", "context_logits"] = Field(
+        "auto",
+        description="How the tensorrt-llm backend scores tokens: 'prompt_logprobs' (SamplingParams."
+        "prompt_logprobs, TRT-LLM >= 1.3.0rc11), 'context_logits' (full-vocabulary context logits, "
+        "all 1.x versions, more memory), 'auto' picks by the installed version.",
+    )
 
 
 class GoldenSpec(_Strict):
