@@ -109,6 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = preflight(recipe)
         for line in report.lines:
             log.info("[%s] preflight: %s", recipe.name, line)
+        for line in report.warnings:
+            log.warning("[%s] preflight: %s", recipe.name, line)
     with _stdout_to_stderr(args.json) as out:
         from quantgate.pipeline import matrix_table, run_recipes, worst
 
@@ -201,19 +203,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from quantgate.recipe import TrackingSpec
-    from quantgate.tracking import resolve_tracking_uri, start_ui, wait_healthy
+    from quantgate.tracking import resolve_tracking_uri, start_ui, stop_ui, wait_healthy
 
     uri = resolve_tracking_uri(TrackingSpec(uri=args.uri) if args.uri else TrackingSpec())
     proc = start_ui(uri, host="127.0.0.1", port=args.port)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        wait_healthy(url, timeout=60)
-        print(f"MLflow UI: {url}  (store: {uri}; Ctrl-C to stop)", flush=True)
+        wait_healthy(url, timeout=90, proc=proc)
+        print(f"MLflow UI: {url}/#/experiments?workflowType=machine_learning  (store: {uri}; Ctrl-C to stop)", flush=True)
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        proc.terminate()
+        stop_ui(proc)  # the server runs in its own process group: Ctrl-C does not reach it
     return 0
 
 

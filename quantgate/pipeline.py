@@ -347,7 +347,7 @@ def run_recipe(
                 for name in ("verdict.json", "verdict.txt", "junit.xml", "summary.md", "baseline_results.json", "candidate_results.json", "items.jsonl", "golden.json", "golden_diff.md", "golden_diff.html", "calibration.json"):
                     if (run_dir / name).is_file():
                         tracker.log_artifact(run_dir / name, "results")
-                tracker.log_artifacts(ckpt.dir, "checkpoint")
+                tracker.log_checkpoint(ckpt.dir, "checkpoint")
 
             if recipe.promotion.enabled:
                 outcome_reg = promote(recipe, manifest, run_dir, tracker, register_checkpoint, verdict, fmt, calib, base, clock)

