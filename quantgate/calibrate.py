@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from quantgate.artifacts import CalibrationInfo
-from quantgate.data import calibration_batches
+from quantgate.data import CalibrationBatches, calibration_batches
 from quantgate.errors import StageError
 
 if TYPE_CHECKING:
@@ -31,12 +31,14 @@ def check_awq_block_size(model: Any, block: int) -> None:
         raise StageError("calibrate", f"AWQ block size {block} does not divide linear input dims {bad}{hint}")
 
 
-def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, device: str) -> CalibrationInfo:
+def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, device: str, data: CalibrationBatches | None = None) -> CalibrationInfo:
+    """Quantize `model` in place. `data`: pre-tokenized batches (default: built from the recipe)."""
     import torch
 
     if fmt.uses_awq:
         check_awq_block_size(model, recipe.quantization.awq_block_size or fmt.default_awq_block_size or 128)
-    data = calibration_batches(recipe.calibration, tokenizer)
+    if data is None:
+        data = calibration_batches(recipe.calibration, tokenizer)
     cfg = fmt.build_modelopt_config(recipe.quantization)
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm

@@ -72,6 +72,7 @@ class StageClock:
         log.info("[%s] %s: start", self.prefix, name)
         t0 = time.perf_counter()
         try:
+            _fault_point(name)
             yield
         except BaseException:
             log.info("[%s] %s: failed after %.1f s", self.prefix, name, time.perf_counter() - t0)
@@ -79,6 +80,18 @@ class StageClock:
         dt = time.perf_counter() - t0
         self.timings[name] = round(self.timings.get(name, 0.0) + dt, 3)
         log.info("[%s] %s: done in %.1f s", self.prefix, name, dt)
+
+
+def _fault_point(stage: str) -> None:
+    """Fault injection for the resume tests: QUANTGATE_KILL_IN=<stage> SIGKILLs this process
+    inside that stage (after its start is logged), as an OOM killer or a preempted node would."""
+    import os
+
+    if os.environ.get("QUANTGATE_KILL_IN") == stage:
+        import signal
+
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- devices ------------------------------------------------------------------------------------
@@ -264,7 +277,7 @@ def run_recipe(
     from quantgate.evaluation.results import EvalResults
     from quantgate.gate import judge
     from quantgate.report import junit_xml, summary_markdown, verdict_table
-    from quantgate.tracking import RunTracker, register_checkpoint, version_tags
+    from quantgate.tracking import register_checkpoint, version_tags
 
     fmt = formats.get_format(recipe.quantization.format)
     run_dir = run_dir_for(recipe)
@@ -272,15 +285,19 @@ def run_recipe(
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir)
+    if "run_key" not in manifest.data:
+        import uuid
+
+        manifest.set("run_key", f"{run_dir.name}-{uuid.uuid4().hex[:8]}")
     log_file = attach_log_file(run_dir / "run.log")
     clock = StageClock(recipe.name)
     outcome = RecipeOutcome(recipe.name, source, fmt.name, "ERROR", int(ExitCode.ERROR), run_dir=str(run_dir), log_file=str(log_file))
     atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
 
-    tags = {"quantgate.recipe": recipe.name, "quantgate.format": fmt.name, "quantgate.recipe_hash": recipe.content_hash(), **version_tags()}
+    tags = {"quantgate.recipe": recipe.name, "quantgate.format": fmt.name, "quantgate.recipe_hash": recipe.content_hash(), **(version_tags() if recipe.tracking.enabled else {})}
     previous = manifest.data.get("mlflow_run_id")
-    with RunTracker(recipe.tracking, run_name=f"{recipe.name}", parent_run_id=parent_run_id, tags=tags) as tracker:
-        if previous and previous != tracker.run_id:
+    with open_tracker(recipe, f"{recipe.name}", parent_run_id=parent_run_id, tags=tags) as tracker:
+        if previous and tracker.run_id and previous != tracker.run_id:
             tracker.set_tags({"quantgate.resumed_from": previous})
             mark_interrupted(recipe, previous, tracker.run_id)
         manifest.set("mlflow_run_id", tracker.run_id)
@@ -349,7 +366,9 @@ def run_recipe(
                         tracker.log_artifact(run_dir / name, "results")
                 tracker.log_checkpoint(ckpt.dir, "checkpoint")
 
-            if recipe.promotion.enabled:
+            if recipe.promotion.enabled and not recipe.tracking.enabled:
+                log.warning("tracking.enabled is false: the checkpoint is not registered or promoted")
+            elif recipe.promotion.enabled:
                 outcome_reg = promote(recipe, manifest, run_dir, tracker, register_checkpoint, verdict, fmt, calib, base, clock)
                 outcome.registered_version = outcome_reg.get("version")
                 outcome.promoted = bool(outcome_reg.get("promoted"))
@@ -376,11 +395,44 @@ def run_recipe(
     return outcome
 
 
+class OfflineTracker:
+    """Stands in for RunTracker when tracking.enabled is false: records nothing, promotes nothing."""
+
+    run_id = None
+
+    def __enter__(self) -> OfflineTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def open_tracker(recipe: Recipe, run_name: str, **kwargs: Any) -> Any:
+    if not recipe.tracking.enabled:
+        return OfflineTracker()
+    from quantgate.tracking import RunTracker
+
+    return RunTracker(recipe.tracking, run_name=run_name, **kwargs)
+
+
 def promote(recipe: Recipe, manifest: Manifest, run_dir: Path, tracker: Any, register: Any, verdict: Any, fmt: Any, calib: Any, base: Baseline, clock: StageClock) -> dict[str, Any]:
     """Register the checkpoint; move the alias only on PASS. Never twice for one run directory."""
     if manifest.done("promote"):
         log.info("resume: promotion already done (%s)", manifest.get("promote"))
         return manifest.get("promote")
+    run_key = manifest.data["run_key"]
+    existing = registered_version_for(recipe, run_key)
+    if existing is not None:
+        # Killed after registering but before the manifest said so: never register twice.
+        log.info("resume: run %s is already registered as version %s", run_key, existing["version"])
+        if verdict.decision.value == "PASS" and not existing["promoted"]:
+            tracker.client.set_registered_model_alias(existing["name"], recipe.promotion.alias, existing["version"])
+            existing["promoted"] = True
+        manifest.mark("promote", **existing)
+        return existing
     with clock.stage("promote"):
         reg = register(
             tracker, "checkpoint", recipe.promotion,
@@ -389,7 +441,7 @@ def promote(recipe: Recipe, manifest: Manifest, run_dir: Path, tracker: Any, reg
                 "quantgate.verdict": verdict.decision.value, "quantgate.recipe": recipe.name,
                 "quantgate.format": fmt.name, "quantgate.recipe_hash": recipe.content_hash(),
                 "quantgate.calibration_sha256": calib.content_sha256 if calib else "none",
-                "quantgate.baseline_key": base.key,
+                "quantgate.baseline_key": base.key, "quantgate.run_key": run_key,
             },
         )
     info = reg.model_dump(mode="json") if hasattr(reg, "model_dump") else asdict(reg)
@@ -397,6 +449,24 @@ def promote(recipe: Recipe, manifest: Manifest, run_dir: Path, tracker: Any, reg
     atomic_write_json(run_dir / "registration.json", info)
     manifest.mark("promote", **info)
     return info
+
+
+def registered_version_for(recipe: Recipe, run_key: str) -> dict[str, Any] | None:
+    """The model version an earlier attempt of this run directory registered, if any."""
+    from quantgate.tracking import _mlflow_client, resolve_tracking_uri
+
+    client = _mlflow_client(resolve_tracking_uri(recipe.tracking))
+    name = recipe.promotion.registered_model
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:  # no such registered model yet
+        return None
+    for mv in versions:
+        if mv.tags.get("quantgate.run_key") == run_key:
+            aliases = list(getattr(mv, "aliases", []) or [])
+            return {"name": name, "version": str(mv.version), "source": mv.source, "aliases_set": aliases,
+                    "promoted": recipe.promotion.alias in aliases, "previous_alias_version": None}
+    return None
 
 
 def mark_interrupted(recipe: Recipe, old_run_id: str, new_run_id: str) -> None:
@@ -478,11 +548,14 @@ def run_recipes(recipes: list[tuple[Recipe, str]], *, fresh: bool = False) -> li
     if len(recipes) == 1:
         recipe, source = recipes[0]
         return [run_recipe(recipe, source, fresh=fresh, baseline_memo=memo)]
-    from quantgate.tracking import RunTracker, version_tags
-
     outcomes: list[RecipeOutcome] = []
     first = recipes[0][0]
-    with RunTracker(first.tracking, run_name="matrix: " + ", ".join(r.name for r, _ in recipes), tags={"quantgate.matrix": "true", **version_tags()}) as parent:
+    tags = {"quantgate.matrix": "true"}
+    if first.tracking.enabled:
+        from quantgate.tracking import version_tags
+
+        tags.update(version_tags())
+    with open_tracker(first, "matrix: " + ", ".join(r.name for r, _ in recipes), tags=tags) as parent:
         for recipe, source in recipes:
             outcomes.append(run_recipe(recipe, source, fresh=fresh, baseline_memo=memo, parent_run_id=parent.run_id))
         parent.set_tags({"quantgate.verdicts": ", ".join(f"{o.recipe}={o.decision}" for o in outcomes)})

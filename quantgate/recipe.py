@@ -161,6 +161,11 @@ class TrackingSpec(_Strict):
         "directory. MLFLOW_TRACKING_URI overrides it.",
     )
     experiment: str = Field("quantgate", description="MLflow experiment name.")
+    enabled: bool = Field(
+        True,
+        description="Log to MLflow. false: results stay in the run directory only and nothing is "
+        "registered or promoted (e.g. a GPU box without MLflow).",
+    )
 
 
 class Recipe(_Strict):
