@@ -25,6 +25,9 @@ class ItemRecord(BaseModel):
     words: int | None = None
     bytes: int | None = None
     tokens: int | None = None
+    scores: dict[str, float] | None = Field(
+        None, description="Every per-item metric of an accuracy task (e.g. acc and acc_norm); `correct` is the primary one"
+    )
 
 
 class TaskResult(BaseModel):
@@ -103,3 +106,6 @@ class EvalResults(Artifact):
         "lm-eval version, generation settings, limits...",
     )
     errors: list[str] = Field(default_factory=list, description="Tasks that failed, one line each")
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="Seconds per part of the evaluation (tasks, golden, total)"
+    )

@@ -1,0 +1,321 @@
+"""lm-eval's model interface over a quantgate Engine.
+
+Token alignment follows lm-eval's own HF backend (`HFLM`, 0.4.13) exactly, so a suite scored here
+and with `lm_eval --model hf` gives the same numbers on the same unquantized model:
+
+- strings are encoded with the tokenizer's default special tokens (HFLM's `add_bos_token=None`),
+  except when the string already starts with the prefix token's text;
+- (context, continuation) pairs: trailing context whitespace moves to the continuation, the whole
+  string is encoded and split at the context's token length (HFLM `_encode_pair`);
+- an empty context is replaced by the prefix token: `tokenizer.bos_token_id`, else `eos_token_id`
+  (HFLM's `prefix_token_id` rule); rolling windows use the same prefix token;
+- rolling log-likelihoods use `lm_eval.utils.get_rolling_token_windows` with `context_len=1` and
+  `max_length` = min(engine max_input_len, max_seq_len) - 1, capped by the model's context. The
+  engine is sent `max_length + 1` tokens at most (the last one is only a target), so every window
+  fits the engine. Chunking a long document into windows is by design, not truncation;
+- generation stops at the `until` strings plus the EOS token's text, decoded without specials.
+
+Unlike HFLM, nothing is ever truncated: a request longer than the engine's limits fails the stage
+with one line (StageError) before anything is scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import LM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from tqdm import tqdm
+
+from quantgate.engines.base import Engine, ScoreRequest
+from quantgate.errors import StageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_GEN_TOKS = 256  # HFLM.max_gen_toks
+
+
+@dataclass
+class TaskStats:
+    """Engine work attributed to one lm-eval task."""
+
+    seconds: float = 0.0
+    tokens: int = 0  # tokens sent through the engine (prompt + scored, or prompt + generated)
+    requests: int = 0
+    item_tokens: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # doc_id -> scored tokens
+
+
+def model_context_length(engine: Engine) -> int | None:
+    """The model's trained context (max_position_embeddings & co.), when the engine exposes it."""
+    model = getattr(engine, "model", None)
+    cfg = getattr(model, "config", None) or getattr(engine, "model_config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value:
+            return int(value)
+    return None
+
+
+class TokenEncoder:
+    """HFLM's encoding rules, tokenizer only (also used to measure prompts before a run)."""
+
+    def __init__(self, tokenizer: Any, prefix_token_id: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        if prefix_token_id is None:
+            prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix_token_id is None:
+            raise StageError("evaluate", "the tokenizer has neither a BOS nor an EOS token to use as the log-likelihood prefix")
+        self.prefix_token_id: int = int(prefix_token_id)
+        self._prefix_text = tokenizer.decode(self.prefix_token_id)
+
+    def encode(self, string: str, add_special_tokens: bool | None = None) -> list[int]:
+        kwargs: dict[str, bool] = {}
+        if add_special_tokens is not None:
+            kwargs["add_special_tokens"] = add_special_tokens
+        elif self._prefix_text and string.startswith(self._prefix_text):
+            kwargs["add_special_tokens"] = False  # HFLM: do not add a second BOS
+        return list(self.tokenizer.encode(string, **kwargs))
+
+    def encode_generation_context(self, string: str) -> list[int]:
+        # HFLM.tok_batch_encode checks the BOS *string* (not the prefix token's text).
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and string.startswith(bos):
+            return list(self.tokenizer.encode(string, add_special_tokens=False))
+        return list(self.tokenizer.encode(string))
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """TemplateLM.loglikelihood + _encode_pair for a causal model."""
+        if context == "":
+            cont = self.encode(continuation, add_special_tokens=False)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx) :]
+
+    def rolling_windows(self, string: str, max_length: int) -> list[tuple[list[int], list[int]]]:
+        return [
+            lm_utils.make_disjoint_window(w)
+            for w in lm_utils.get_rolling_token_windows(
+                token_list=self.encode(string),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=max_length,
+                context_len=1,
+            )
+        ]
+
+
+class QuantgateLM(LM):
+    """`lm_eval.api.model.LM` whose forward passes run on a quantgate Engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        prefix_token_id: int | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        show_progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.encoder = TokenEncoder(self.tokenizer, prefix_token_id)
+        self.batch_size = max(1, int(batch_size))
+        limits = engine.limits
+        self.engine_max = min(limits.max_input_len, limits.max_seq_len)
+        self.model_ctx = model_context_length(engine)
+        auto = self.engine_max - 1
+        if self.model_ctx:
+            auto = min(auto, self.model_ctx)
+        self.max_length = int(max_length) if max_length else auto
+        if self.max_length + 1 > self.engine_max:
+            raise StageError("evaluate", f"max_length {self.max_length} + 1 exceeds the engine's limit of {self.engine_max} tokens")
+        self.max_gen_toks = max_gen_toks
+        self.show_progress = show_progress
+        self.stats: dict[str, TaskStats] = defaultdict(TaskStats)
+
+    # -- identity --------------------------------------------------------------------------
+    @property
+    def prefix_token_id(self) -> int:
+        return self.encoder.prefix_token_id
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "tokenizer")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if chat_template is False or chat_template is None:
+            return None
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    def alignment_settings(self) -> dict[str, Any]:
+        """The token-alignment decisions, for the comparability record."""
+        return {
+            "prefix_token_id": self.prefix_token_id,
+            "adds_special_tokens": self.encoder.encode("a") != self.encoder.encode("a", add_special_tokens=False),
+            "max_length": self.max_length,
+            "max_gen_toks": self.max_gen_toks,
+        }
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _score(self, task: str, reqs: list[ScoreRequest], doc_ids: list[int], desc: str) -> list[tuple[float, bool]]:
+        """Score requests longest first in engine-sized chunks; results in the input order."""
+        order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i].token_ids))
+        out: list[tuple[float, bool] | None] = [None] * len(reqs)
+        st = self.stats[task]
+        chunk = self.batch_size  # requests per engine call; the engine splits by max_batch_size
+        bar = tqdm(total=len(reqs), desc=desc, disable=not self.show_progress, leave=False)
+        for b in range(0, len(order), chunk):
+            idx = order[b : b + chunk]
+            t0 = time.perf_counter()
+            res = self.engine.score([reqs[i] for i in idx])
+            st.seconds += time.perf_counter() - t0
+            for i, r in zip(idx, res, strict=True):
+                out[i] = (float(sum(r.logprobs)), bool(all(r.greedy)))
+                st.tokens += len(reqs[i].token_ids)
+                st.item_tokens[doc_ids[i]] += len(reqs[i].token_ids) - reqs[i].start
+            st.requests += len(idx)
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def _fail_if_too_long(self, what: str, lengths: list[tuple[str, int]], limit: int, limit_name: str) -> None:
+        over = [(task, n) for task, n in lengths if n > limit]
+        if over:
+            longest = max(n for _, n in over)
+            tasks = sorted({t for t, _ in over})
+            raise StageError(
+                "evaluate",
+                f"{len(over)} {what} exceed {limit_name}={limit} tokens (longest {longest}; tasks: {', '.join(tasks)}); "
+                "quantgate never truncates prompts: raise engine.max_input_len/max_seq_len or drop the task",
+            )
+
+    # -- lm-eval API -------------------------------------------------------------------------
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self.encoder.encode_pair(*req.args) for req in requests]
+        self._fail_if_too_long(
+            "log-likelihood requests (context + continuation)",
+            [(req.task_name or "?", len(c) + len(x)) for req, (c, x) in zip(requests, pairs, strict=True)],
+            self.max_length + 1, "engine sequence limit",
+        )
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            by_task[req.task_name or "?"].append(i)
+        for task, idx in by_task.items():
+            reqs = []
+            for i in idx:
+                ctx, cont = pairs[i]
+                if not cont:
+                    raise StageError("evaluate", f"task {task}: an empty continuation cannot be scored (doc {requests[i].doc_id})")
+                reqs.append(ScoreRequest(ctx + cont, len(ctx)))
+            res = self._score(task, reqs, [requests[i].doc_id or 0 for i in idx], f"loglikelihood {task}")
+            for i, r in zip(idx, res, strict=True):
+                results[i] = r
+            self._log_rate(task)
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        totals: list[float] = [0.0] * len(requests)
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            by_task[req.task_name or "?"].append(i)
+        for task, idx in by_task.items():
+            reqs, owners, doc_ids = [], [], []
+            for i in idx:
+                (string,) = requests[i].args
+                for ctx, cont in self.encoder.rolling_windows(string, self.max_length):
+                    reqs.append(ScoreRequest(ctx + cont, len(ctx)))
+                    owners.append(i)
+                    doc_ids.append(requests[i].doc_id or 0)
+            res = self._score(task, reqs, doc_ids, f"rolling {task}")
+            for i, (ll, _) in zip(owners, res, strict=True):
+                totals[i] += ll
+            self._log_rate(task)
+        return totals
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        eos_text = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False) if self.eot_token_id is not None else None
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            groups[(req.task_name or "?", repr(sorted(req.args[1].items())))].append(i)
+        for (task, _), idx in groups.items():
+            kwargs = normalize_gen_kwargs(requests[idx[0]].args[1], self.max_gen_toks)
+            if kwargs.get("do_sample"):
+                raise StageError("evaluate", f"task {task} asks for sampling; quantgate compares greedy generations only")
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            prompts = [self.encoder.encode_generation_context(requests[i].args[0]) for i in idx]
+            lengths = [(task, len(p)) for p in prompts]
+            self._fail_if_too_long("generation prompts", lengths, self.engine.limits.max_input_len, "engine.max_input_len")
+            self._fail_if_too_long(
+                f"generation prompts + {max_new} new tokens", [(t, n + max_new) for t, n in lengths],
+                self.engine.limits.max_seq_len, "engine.max_seq_len",
+            )
+            order = sorted(range(len(idx)), key=lambda j: -len(prompts[j]))
+            st = self.stats[task]
+            bar = tqdm(total=len(idx), desc=f"generate {task}", disable=not self.show_progress, leave=False)
+            step = self.engine.limits.max_batch_size
+            for b in range(0, len(order), step):
+                sel = order[b : b + step]
+                t0 = time.perf_counter()
+                gens = self.engine.generate([prompts[j] for j in sel], max_new, stop=until)
+                st.seconds += time.perf_counter() - t0
+                for j, g in zip(sel, gens, strict=True):
+                    # HFLM cuts at every stop string in turn: the same as cutting at the earliest.
+                    text = g.text
+                    for term in until:
+                        if term:
+                            text = text.split(term)[0]
+                    out[idx[j]] = text
+                    st.tokens += len(prompts[j]) + len(g.token_ids)
+                    st.item_tokens[requests[idx[j]].doc_id or 0] += len(g.token_ids)
+                st.requests += len(sel)
+                bar.update(len(sel))
+            bar.close()
+            self._log_rate(task)
+        return out  # type: ignore[return-value]
+
+    def _log_rate(self, task: str) -> None:
+        st = self.stats[task]
+        if st.seconds > 0:
+            log.info("%s: %d tokens in %.1f s (%.0f tokens/s)", task, st.tokens, st.seconds, st.tokens / st.seconds)
+
+
+def encode_lengths_for_requests(encoder: TokenEncoder, instances: Sequence[Any]) -> list[tuple[str, str, int]]:
+    """(task, request_type, engine sequence length) of each non-rolling request; rolling requests
+    are chunked into windows by design and so never exceed the limit."""
+    out = []
+    for inst in instances:
+        rtype = inst.request_type
+        if rtype == "loglikelihood":
+            c, x = encoder.encode_pair(*inst.args)
+            out.append((inst.task_name or "?", rtype, len(c) + len(x)))
+        elif rtype == "generate_until":
+            out.append((inst.task_name or "?", rtype, len(encoder.encode_generation_context(inst.args[0]))))
+    return out

@@ -1,0 +1,667 @@
+"""Evaluation suites: eval_suites/<suite>/suite.yaml -> data built at run time -> lm-eval tasks.
+
+A suite names its tasks, the builder that makes each task's items from real English text shipped
+in installed packages (gensim's Wikipedia extract and ABC news corpus, Python's pydoc topics), the
+builder's sizes, a seed, and each task's lm-eval config (prompt template, output type, metrics).
+Nothing third-party is committed: the data is rebuilt deterministically from the seed into
+`cache_root()/suites/<suite>-<key>/` as JSONL, next to task YAMLs generated in lm-eval's own format
+with ABSOLUTE data paths (lm-eval resolves relative paths against the working directory).
+
+`suite_fingerprint` hashes suite.yaml, golden.jsonl, the generated data and the task configs (with
+the machine-specific build folder replaced by a placeholder), so two machines that build the same
+suite agree on it; it keys baseline caches and the comparability check.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from quantgate.errors import StageError
+from quantgate.evaluation.results import ItemRecord, TaskResult
+
+if TYPE_CHECKING:
+    from quantgate.engines.base import Engine
+    from quantgate.recipe import EvaluationSpec
+
+log = logging.getLogger(__name__)
+
+SUITES_DIR_ENV = "QUANTGATE_SUITES"
+# Standard lm-eval tasks a recipe may name; their data comes from the Hugging Face Hub.
+STANDARD_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k", "wikitext", "lambada_openai", "piqa", "winogrande")
+BUILD_PLACEHOLDER = "<suite-build>"
+
+
+# ---- locating and reading a suite ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    name: str
+    builder: str
+    args: dict[str, Any]
+    config: dict[str, Any]  # lm-eval task config (without task name / dataset fields)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    dir: Path
+    yaml_text: str
+    seed: int
+    tasks: dict[str, SuiteTask]
+    golden: Path | None
+
+    @property
+    def golden_bytes(self) -> bytes:
+        return self.golden.read_bytes() if self.golden else b""
+
+
+def suite_search_path() -> list[Path]:
+    import os
+
+    paths = []
+    if os.environ.get(SUITES_DIR_ENV):
+        paths.append(Path(os.environ[SUITES_DIR_ENV]))
+    paths.append(Path.cwd() / "eval_suites")
+    paths.append(Path(__file__).resolve().parents[2] / "eval_suites")  # source checkout
+    return paths
+
+
+def find_suite_dir(suite: str) -> Path:
+    p = Path(suite).expanduser()
+    if (p / "suite.yaml").is_file():
+        return p.resolve()
+    if "/" not in suite:
+        for base in suite_search_path():
+            if (base / suite / "suite.yaml").is_file():
+                return (base / suite).resolve()
+    where = ", ".join(str(b) for b in suite_search_path())
+    raise StageError("evaluate", f"evaluation suite {suite!r} not found (looked for <dir>/suite.yaml in {where})")
+
+
+def load_suite(suite: str) -> Suite:
+    d = find_suite_dir(suite)
+    text = (d / "suite.yaml").read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+        tasks = {}
+        for name, t in (raw.get("tasks") or {}).items():
+            if t.get("builder") not in BUILDERS:
+                raise ValueError(f"task {name}: unknown builder {t.get('builder')!r} (known: {', '.join(BUILDERS)})")
+            tasks[name] = SuiteTask(name, t["builder"], dict(t.get("args") or {}), dict(t["lm_eval"]))
+        golden = d / raw["golden"] if raw.get("golden") else None
+        if golden is not None and not golden.is_file():
+            raise ValueError(f"golden file {raw['golden']!r} does not exist")
+        return Suite(raw.get("name", d.name), d, text, int(raw.get("seed", 0)), tasks, golden)
+    except (KeyError, ValueError, TypeError, yaml.YAMLError) as err:
+        raise StageError("evaluate", f"{d / 'suite.yaml'}: {err}") from err
+
+
+# ---- real text from installed packages -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Doc:
+    id: str
+    paragraphs: tuple[str, ...]
+
+
+def _package_dir(pkg: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError("evaluate", f"suite data needs the {pkg} package ({hint})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gensim_data() -> Path:
+    return _package_dir("gensim", "pip install gensim==4.4.0") / "test" / "test_data"
+
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILE = "lee_background.cor"
+
+
+def source_files(source: str) -> list[Path]:
+    if source == "wikipedia":
+        return [_gensim_data() / WIKI_FILE]
+    if source == "abc_news":
+        return [_gensim_data() / NEWS_FILE]
+    if source == "pydoc":
+        return [_package_dir("pydoc_data", "part of Python") / "topics.py"]
+    raise StageError("evaluate", f"unknown text source {source!r} (known: wikipedia, abc_news, pydoc)")
+
+
+def _tidy(text: str) -> str:
+    text = re.sub(r"\(\s*[,;]?\s*\)", "", text)  # empty parentheses left by removed templates
+    text = " ".join(text.split())
+    return re.sub(r"\s+([,.;:])", r"\1", text)
+
+
+@cache
+def load_source(source: str) -> tuple[Doc, ...]:
+    """Documents of a source as clean prose paragraphs (markup, lists and tables dropped)."""
+    (path,) = source_files(source)
+    docs: list[Doc] = []
+    if source == "wikipedia":
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+        with bz2.BZ2File(path) as fh:
+            for title, text, _pid in extract_pages(fh):
+                if text.lstrip().upper().startswith("#REDIRECT"):
+                    continue
+                plain = filter_wiki(text).replace("'''", "").replace("''", "")
+                paras = []
+                for block in re.split(r"\n\s*\n", plain):
+                    # A removed template (a unit conversion, a pronunciation...) leaves a gap:
+                    # "between  per night". Such paragraphs are broken text; skip them.
+                    if re.search(r"\S  +\S|\(\s*[,;]?\s*\)|\s[,.;]", block.replace("\n", " ")):
+                        continue
+                    block = _tidy(block)
+                    if not block or block[0] in "=*#:;|{!<" or any(s in block for s in ("|", "{{", "}}", "[[", "http")):
+                        continue
+                    if len(block) >= 200 and block[-1] in ".!?":
+                        paras.append(block)
+                if paras:
+                    docs.append(Doc(f"wiki:{title}", tuple(paras)))
+    elif source == "abc_news":
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                docs.append(Doc(f"news:{i}", (_tidy(line),)))
+    elif source == "pydoc":
+        from pydoc_data.topics import topics
+
+        for key in sorted(topics):
+            paras = [_tidy(b) for b in re.split(r"\n\s*\n", topics[key])]
+            # prose only: no indented code, no tables
+            paras = [p for p in paras if len(p) >= 200 and p[-1] in ".!?" and not re.search(r"[{}=<>]{2}|>>>", p)]
+            if paras:
+                docs.append(Doc(f"pydoc:{key}", tuple(paras)))
+    return tuple(docs)
+
+
+_ABBREV = {
+    "mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "gen", "col", "lt", "sgt", "capt", "gov", "sen", "rep",
+    "vs", "etc", "e.g", "i.e", "no", "co", "inc", "ltd", "corp", "mt", "ft", "fig", "approx", "ca", "c", "cf",
+    "u.s", "u.k", "u.n", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+    "b", "d", "al", "op", "vol", "ed", "pp", "a.d", "b.c", "brig", "maj", "adm", "rev", "hon", "pres", "cmdr",
+    "messrs", "univ", "dept", "est", "viz",
+}
+_BOUNDARY = re.compile(r"[.!?][\"'\u201d)\]]*\s+(?=[\"'\u201c(\[]?[A-Z])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Rule-based sentence split (abbreviations and initials do not end a sentence)."""
+    out, start = [], 0
+    for m in _BOUNDARY.finditer(text):
+        before = text[start : m.start() + 1]
+        last = before.split()[-1].rstrip(".!?").lower() if before.split() else ""
+        if text[m.start()] == "." and (last in _ABBREV or (len(last) == 1 and last.isalpha())):
+            continue
+        out.append(text[start : m.end()].strip())
+        start = m.end()
+    tail = text[start:].strip()
+    if tail:
+        out.append(tail)
+    return out
+
+
+_STOP = {
+    "that", "this", "with", "from", "have", "were", "been", "their", "there", "which", "would", "could",
+    "should", "about", "after", "before", "other", "these", "those", "them", "then", "than", "into",
+    "over", "under", "also", "only", "some", "such", "more", "most", "when", "what", "where", "while",
+    "will", "your", "they", "very", "much", "many", "well", "just", "being", "does", "done", "said",
+    "says", "year", "years", "time", "times",
+}
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+# ---- builders: (documents by source, rng, **args) -> items --------------------------------
+
+
+def _per_source(
+    args: dict[str, Any], seed_key: str, make: Callable[[Sequence[Doc], random.Random], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Run `make` per source with its own rng and keep `count` items of each, in a stable order."""
+    items: list[dict[str, Any]] = []
+    for source, count in (args.get("sources") or {}).items():
+        rng = random.Random(f"{seed_key}:{source}")
+        cands = make(load_source(source), rng)
+        if len(cands) < count:
+            raise StageError("evaluate", f"{seed_key}: source {source} yields {len(cands)} items, suite asks for {count}")
+        picked = rng.sample(range(len(cands)), count)
+        items.extend({**cands[i], "source": source} for i in sorted(picked))
+    # Mixed order, so that `evaluation.limit` (lm-eval takes the first N docs) still samples every source.
+    random.Random(f"{seed_key}:order").shuffle(items)
+    return items
+
+
+def build_documents(seed_key: str, *, sources: dict[str, int], min_chars: int = 400, max_chars: int = 2400) -> list[dict[str, Any]]:
+    """Perplexity items: whole short documents (news) or paragraphs (Wikipedia, pydoc)."""
+
+    def make(docs: Sequence[Doc], rng: random.Random) -> list[dict[str, Any]]:
+        out = []
+        for d in docs:
+            text = " ".join(d.paragraphs) if len(d.paragraphs) == 1 else rng.choice(d.paragraphs)
+            if min_chars <= len(text) <= max_chars:
+                out.append({"doc": d.id, "text": text})
+        return out
+
+    return _per_source({"sources": sources}, seed_key, make)
+
+
+def build_last_word_cloze(
+    seed_key: str, *, sources: dict[str, int], min_words: int = 30, max_words: int = 70, min_target_chars: int = 4
+) -> list[dict[str, Any]]:
+    """LAMBADA-style items: consecutive sentences ending in a word that is predictable from the
+    passage -- a content word (not a stop word, >= min_target_chars letters) that already occurs
+    earlier in the passage. One passage per paragraph at most, so items are diverse."""
+
+    def make(docs: Sequence[Doc], rng: random.Random) -> list[dict[str, Any]]:
+        out = []
+        for d in docs:
+            for p_i, para in enumerate(d.paragraphs):
+                sents = split_sentences(para)
+                cands = []
+                for j in range(1, len(sents)):
+                    m = re.search(r"\s([A-Za-z]+)\.$", sents[j])
+                    if not m:
+                        continue
+                    target = m.group(1)
+                    if len(target) < min_target_chars or target.lower() in _STOP:
+                        continue
+                    for i in range(j - 1, -1, -1):
+                        passage = " ".join(sents[i : j + 1])
+                        n_words = len(passage.split())
+                        if n_words > max_words:
+                            break
+                        if n_words < min_words:
+                            continue
+                        context = passage[: -len(target) - 1].rstrip()
+                        if target.lower() in {w.lower() for w in _WORD.findall(context)}:
+                            cands.append({"doc": f"{d.id}#{p_i}", "context": context, "target": target})
+                        break
+                if cands:
+                    out.append(rng.choice(cands))
+        return out
+
+    return _per_source({"sources": sources}, seed_key, make)
+
+
+def build_next_sentence_choice(
+    seed_key: str,
+    *,
+    sources: dict[str, int],
+    num_choices: int = 4,
+    context_sentences: int = 2,
+    min_chars: int = 40,
+    max_chars: int = 200,
+    length_tolerance: float = 0.3,
+) -> list[dict[str, Any]]:
+    """Multiple choice: which sentence really follows the context? Distractors are sentences of
+    similar length from OTHER documents of the same source."""
+
+    def ok(s: str) -> bool:
+        return min_chars <= len(s) <= max_chars and s[0].isupper() and s[-1] in ".!?"
+
+    def make(docs: Sequence[Doc], rng: random.Random) -> list[dict[str, Any]]:
+        pool: list[tuple[int, str]] = []  # (doc index, sentence)
+        split = [[split_sentences(p) for p in d.paragraphs] for d in docs]
+        for di, paras in enumerate(split):
+            pool.extend((di, s) for sents in paras for s in sents if ok(s))
+        pool.sort(key=lambda x: len(x[1]))
+        lengths = [len(s) for _, s in pool]
+        import bisect
+
+        out = []
+        for di, paras in enumerate(split):
+            for pi, sents in enumerate(paras):  # at most one item per paragraph
+                spots = [j for j in range(context_sentences, len(sents)) if ok(sents[j])]
+                if not spots:
+                    continue
+                j = rng.choice(spots)
+                gold = sents[j]
+                lo = bisect.bisect_left(lengths, len(gold) * (1 - length_tolerance))
+                hi = bisect.bisect_right(lengths, len(gold) * (1 + length_tolerance))
+                near = sorted({s for d2, s in pool[lo:hi] if d2 != di and s != gold})
+                if len(near) < num_choices - 1:
+                    continue
+                choices = [gold, *rng.sample(near, num_choices - 1)]
+                rng.shuffle(choices)
+                out.append({
+                    "doc": f"{docs[di].id}#{pi}",
+                    "context": " ".join(sents[j - context_sentences : j]),
+                    "choices": choices,
+                    "label": choices.index(gold),
+                })
+        return out
+
+    return _per_source({"sources": sources}, seed_key, make)
+
+
+BUILDERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "documents": build_documents,
+    "last_word_cloze": build_last_word_cloze,
+    "next_sentence_choice": build_next_sentence_choice,
+}
+
+
+# ---- building (cached) ---------------------------------------------------------------------
+
+
+@dataclass
+class BuiltSuite:
+    suite: Suite
+    build_dir: Path
+    task_dir: Path
+    data_files: dict[str, Path]
+    fingerprint: str
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def _sha(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+# The builders' own code is part of the build key: changed builders never reuse stale data. Read
+# once at import, so the key always describes the code that is actually running.
+_CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _build_key(suite: Suite, seed: int) -> str:
+    sources = sorted({s for t in suite.tasks.values() for s in (t.args.get("sources") or {})})
+    source_ids = [f"{p.name}:{p.stat().st_size}" for s in sources for p in source_files(s)]
+    return _sha(suite.yaml_text, str(seed), _CODE_HASH, json.dumps(source_ids))[:16]
+
+
+def _task_yaml(task: SuiteTask, data_file: Path) -> dict[str, Any]:
+    cfg = {
+        "task": task.name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+    }
+    for key, value in task.config.items():
+        if key in cfg:
+            raise StageError("evaluate", f"suite task {task.name}: lm_eval.{key} is generated; remove it from suite.yaml")
+        cfg[key] = value
+    return cfg
+
+
+def _fingerprint(suite: Suite, build_dir: Path, data_files: dict[str, Path], task_dir: Path) -> str:
+    parts: list[bytes | str] = [suite.yaml_text, suite.golden_bytes]
+    for name in sorted(data_files):
+        parts += [name, data_files[name].read_bytes()]
+    for y in sorted(task_dir.glob("*.yaml")):
+        parts += [y.name, y.read_text(encoding="utf-8").replace(str(build_dir), BUILD_PLACEHOLDER)]
+    return _sha(*parts)
+
+
+def build_suite(suite_name: str, seed: int = 0) -> BuiltSuite:
+    """Build (or reuse) the suite's data and task YAMLs. Deterministic in (suite.yaml, seed)."""
+    from quantgate.models import cache_root
+    from quantgate.rundir import publish_dir, staging_dir
+
+    suite = load_suite(suite_name)
+    key = _build_key(suite, seed)
+    final = cache_root() / "suites" / f"{suite.name}-{key}"
+    manifest = final / "manifest.json"
+    if not manifest.is_file():
+        t0 = time.perf_counter()
+        tmp = staging_dir(final)
+        sizes = {}
+        for task in suite.tasks.values():
+            items = BUILDERS[task.builder](f"{suite.seed}:{seed}:{task.name}", **task.args)
+            sizes[task.name] = len(items)
+            lines = "".join(json.dumps(it, ensure_ascii=False, sort_keys=True) + "\n" for it in items)
+            (tmp / "data").mkdir(exist_ok=True)
+            (tmp / "data" / f"{task.name}.jsonl").write_text(lines, encoding="utf-8")
+        # YAMLs point at the FINAL location (absolute), written after the data is in place.
+        (tmp / "tasks").mkdir()
+        for task in suite.tasks.values():
+            cfg = _task_yaml(task, final / "data" / f"{task.name}.jsonl")
+            (tmp / "tasks" / f"{task.name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        (tmp / "manifest.json").write_text(json.dumps({"suite": suite.name, "seed": seed, "sizes": sizes}, indent=2))
+        if manifest.is_file():  # another process built the same (deterministic) suite meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            publish_dir(tmp, final)
+        log.info("built suite %s (%s) in %.1f s: %s", suite.name, final.name, time.perf_counter() - t0, sizes)
+    meta = json.loads(manifest.read_text())
+    data_files = {t: final / "data" / f"{t}.jsonl" for t in suite.tasks}
+    return BuiltSuite(suite, final, final / "tasks", data_files, _fingerprint(suite, final, data_files, final / "tasks"), meta["sizes"])
+
+
+def suite_fingerprint(spec: EvaluationSpec) -> str:
+    """Hash of suite.yaml + golden prompts + generated data + task configs (machine-independent)."""
+    return build_suite(spec.suite, spec.seed).fingerprint
+
+
+# ---- lm-eval task loading ------------------------------------------------------------------
+
+
+def selected_tasks(built: BuiltSuite, spec: EvaluationSpec) -> tuple[list[str], list[str]]:
+    """(suite tasks, standard lm-eval tasks) the spec asks for."""
+    names = list(spec.tasks) if spec.tasks else list(built.suite.tasks)
+    ours = [n for n in names if n in built.suite.tasks]
+    other = [n for n in names if n not in built.suite.tasks]
+    return ours, other
+
+
+def load_task_dict(built: BuiltSuite, spec: EvaluationSpec) -> tuple[dict[str, Any], Any]:
+    """lm-eval Task objects for the spec's tasks, and the TaskManager that found them.
+    Standard tasks whose data is out of reach fail with one line, not a traceback."""
+    from lm_eval.tasks import TaskManager
+
+    ours, other = selected_tasks(built, spec)
+    tm = TaskManager(include_path=str(built.task_dir), include_defaults=bool(other))
+    if other:
+        unknown = [n for n in other if n not in tm.all_tasks]
+        if unknown:
+            raise StageError("evaluate", f"unknown task(s) {', '.join(unknown)}: not in suite {built.suite.name!r} ({', '.join(built.suite.tasks)}) nor in lm-eval")
+    try:
+        # Flat {leaf task name: Task}: a group such as mmlu expands to its subtasks.
+        tasks = dict(tm.load(ours + other)["tasks"])
+    except StageError:
+        raise
+    except Exception as err:  # datasets raises many types when the hub is unreachable
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if other:
+            raise StageError(
+                "evaluate",
+                f"could not load lm-eval task(s) {', '.join(other)}: their datasets come from the Hugging Face Hub, "
+                f"which is not reachable from here ({type(err).__name__}: {msg}); use the suite's tasks ({', '.join(built.suite.tasks)})",
+            ) from err
+        raise StageError("evaluate", f"could not load suite tasks: {type(err).__name__}: {msg}") from err
+    return tasks, tm
+
+
+# ---- prompt lengths --------------------------------------------------------------------------
+
+
+def _request_lengths(tokenizer: Any, tasks: dict[str, Any], limit: int | None) -> list[tuple[str, str, int]]:
+    from quantgate.evaluation.lm_eval_adapter import TokenEncoder, encode_lengths_for_requests
+
+    enc = TokenEncoder(tokenizer)
+    out = []
+    for task in tasks.values():
+        task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False)
+        out += encode_lengths_for_requests(enc, task.instances)
+    return out
+
+
+def _golden_lengths(tokenizer: Any, built: BuiltSuite, spec: EvaluationSpec) -> list[int]:
+    if not (spec.golden.enabled and built.suite.golden):
+        return []
+    from quantgate.evaluation.golden import encode_prompt, load_golden
+
+    return [len(encode_prompt(tokenizer, g["prompt"])) for g in load_golden(built.suite.golden)]
+
+
+def longest_prompt_tokens(engine_tokenizer: Any, spec: EvaluationSpec) -> int:
+    """Longest single engine sequence the evaluation will send (log-likelihood context +
+    continuation, generation prompt, golden prompt). Rolling perplexity documents are chunked
+    into windows by design and are not counted."""
+    built = build_suite(spec.suite, spec.seed)
+    tasks, _ = load_task_dict(built, spec)
+    lengths = [n for _, _, n in _request_lengths(engine_tokenizer, tasks, spec.limit)]
+    lengths += _golden_lengths(engine_tokenizer, built, spec)
+    return max(lengths, default=0)
+
+
+def check_prompt_lengths(engine: Engine, tasks: dict[str, Any], spec: EvaluationSpec, built: BuiltSuite) -> None:
+    """Fail (one line) if any request would not fit the engine; never truncate."""
+    limits = engine.limits
+    seq_limit = min(limits.max_input_len, limits.max_seq_len)
+    over: list[tuple[str, int]] = []
+    for task, rtype, n in _request_lengths(engine.tokenizer, tasks, spec.limit):
+        limit = seq_limit if rtype == "loglikelihood" else limits.max_input_len
+        if n > limit:
+            over.append((task, n))
+    gmax = limits.max_seq_len - spec.golden.max_new_tokens
+    over += [("golden", n) for n in _golden_lengths(engine.tokenizer, built, spec) if n > min(limits.max_input_len, gmax)]
+    if over:
+        longest = max(n for _, n in over)
+        names = ", ".join(sorted({t for t, _ in over}))
+        raise StageError(
+            "evaluate",
+            f"{len(over)} prompts are longer than the engine accepts (longest {longest} tokens; max_input_len={limits.max_input_len}, "
+            f"max_seq_len={limits.max_seq_len}; tasks: {names}); prompts are never truncated: raise the engine limits or drop those tasks",
+        )
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+def _hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _config_hash(task: Any, built: BuiltSuite) -> str:
+    cfg = task.dump_config() if hasattr(task, "dump_config") else task.config.to_dict()
+    text = json.dumps(cfg, sort_keys=True, default=str).replace(str(built.build_dir), BUILD_PLACEHOLDER)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _metric_key(k: str) -> tuple[str, str]:
+    name, _, filt = k.partition(",")
+    return name, filt
+
+
+def to_task_result(
+    name: str, task: Any, results: dict[str, Any], samples: list[dict[str, Any]], stats: Any, built: BuiltSuite
+) -> TaskResult:
+    output_type = task.OUTPUT_TYPE if hasattr(task, "OUTPUT_TYPE") else task.config.output_type
+    kind = "perplexity" if output_type == "loglikelihood_rolling" else "accuracy"
+    hib_all = results["higher_is_better"].get(name, {})
+    metrics: dict[str, float] = {}
+    for k, v in results["results"][name].items():
+        m, _filt = _metric_key(k)
+        if m in hib_all and isinstance(v, (int, float)):  # skips stderr, alias, sample_len
+            metrics[m] = float(v)
+    hib = {m: bool(hib_all[m]) for m in metrics}
+    # Per-item scores: metrics averaged over items (acc, acc_norm, exact_match...).
+    aggs = task.aggregation() if hasattr(task, "aggregation") else {}
+    mean_metrics = [m for m in metrics if getattr(aggs.get(m), "__name__", "") == "mean"]
+    primary = "acc" if "acc" in mean_metrics else "exact_match" if "exact_match" in mean_metrics else (mean_metrics[0] if mean_metrics else None)
+    items: list[ItemRecord] = []
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        scored = _hash_json(s.get("arguments"))
+        rec = ItemRecord(doc_id=int(s["doc_id"]), prompt_hash=scored)
+        if kind == "perplexity":
+            ll, words = s["word_perplexity"] if "word_perplexity" in s else (s["filtered_resps"][0], None)
+            rec.loglikelihood = float(ll)
+            rec.words = int(words) if words is not None else None
+            if "byte_perplexity" in s:
+                rec.bytes = int(s["byte_perplexity"][1])
+            elif "bits_per_byte" in s:
+                rec.bytes = int(s["bits_per_byte"][1])
+            rec.tokens = int(stats.item_tokens.get(int(s["doc_id"]), 0)) if stats else None
+        else:
+            scores = {m: float(s[m]) for m in mean_metrics if isinstance(s.get(m), (int, float, bool))}
+            rec.scores = scores or None
+            if primary in scores:
+                rec.correct = scores[primary]
+            if output_type == "loglikelihood" and s.get("filtered_resps"):
+                first = s["filtered_resps"][0]
+                if isinstance(first, (list, tuple)) and first:
+                    rec.loglikelihood = float(first[0])
+        items.append(rec)
+    return TaskResult(
+        task=name,
+        version=str(results.get("versions", {}).get(name, "")),
+        kind=kind,
+        metrics=metrics,
+        higher_is_better=hib,
+        items=items,
+        num_fewshot=int(results.get("n-shot", {}).get(name, 0) or 0),
+        config_hash=_config_hash(task, built),
+        seconds=round(stats.seconds, 3) if stats else 0.0,
+        tokens_scored=int(stats.tokens) if stats else 0,
+    )
+
+
+def evaluate_tasks(engine: Engine, spec: EvaluationSpec, *, side: str) -> dict[str, TaskResult]:
+    """Run the spec's tasks through `engine` with lm-eval; per-task metrics and per-item records."""
+    import lm_eval
+
+    from quantgate.evaluation.lm_eval_adapter import QuantgateLM
+
+    built = build_suite(spec.suite, spec.seed)
+    if not (spec.tasks or built.suite.tasks):
+        return {}  # a golden-only suite
+    tasks, tm = load_task_dict(built, spec)
+    check_prompt_lengths(engine, tasks, spec, built)
+    lm = QuantgateLM(engine, batch_size=spec.batch_size)
+    names = list(tasks)
+    log.info("evaluating %s on %s (%s)", side, ", ".join(names), built.suite.name)
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=names,
+        task_manager=tm,
+        limit=spec.limit,
+        log_samples=True,
+        bootstrap_iters=0,  # the gate does its own paired statistics on the items
+        random_seed=spec.seed,
+        numpy_random_seed=spec.seed,
+        torch_random_seed=spec.seed,
+        fewshot_random_seed=spec.seed,
+        cache_requests=False,
+    )
+    wall = time.perf_counter() - t0
+    if not out:
+        raise StageError("evaluate", "lm-eval returned no results")
+    results: dict[str, TaskResult] = {}
+    for name in names:
+        if name not in out["results"]:
+            raise StageError("evaluate", f"lm-eval produced no results for task {name}")
+        st = lm.stats.get(name)
+        results[name] = to_task_result(name, tasks[name], out, out["samples"].get(name, []), st, built)
+        r = results[name]
+        log.info("%s %s: %s over %d items, %d tokens in %.1f s (%.0f tokens/s)", side, name,
+                 ", ".join(f"{k}={v:.4g}" for k, v in r.metrics.items()), len(r.items), r.tokens_scored, r.seconds, r.tokens_per_second)
+    engine_s = sum(r.seconds for r in results.values())
+    toks = sum(r.tokens_scored for r in results.values())
+    log.info("%s suite %s: %d tokens, engine %.1f s (%.0f tokens/s), wall %.1f s", side, built.suite.name, toks, engine_s,
+             toks / engine_s if engine_s else 0.0, wall)
+    return results
