@@ -263,11 +263,11 @@ class TorchEngine(Engine):
             for row, req in enumerate(batch):
                 ids[row, : len(req.token_ids)] = torch.tensor(req.token_ids)
                 mask[row, : len(req.token_ids)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            hidden, head = self._hidden_and_head(ids.to(self.device), mask.to(self.device))
             for row, (i, req) in enumerate(zip(idx, batch, strict=True)):
                 n = len(req.token_ids)
-                # logits at t-1 predict token t
-                lp = torch.log_softmax(logits[row, req.start - 1 : n - 1].float(), dim=-1)
+                # position t-1 predicts token t; the vocab projection runs only where scored
+                lp = torch.log_softmax(head(hidden[row, req.start - 1 : n - 1]).float(), dim=-1)
                 target = torch.tensor(req.token_ids[req.start :], device=lp.device)
                 tok_lp = lp.gather(1, target[:, None]).squeeze(1)
                 greedy = lp.argmax(dim=-1) == target
@@ -277,6 +277,17 @@ class TorchEngine(Engine):
                     res.top_ids, res.top_logprobs = top.indices.tolist(), top.values.tolist()
                 results[i] = res
         return results  # type: ignore[return-value]
+
+    def _hidden_and_head(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Decoder hidden states and the output head, so the (large) vocab projection is applied
+        only to scored positions. Models with logit post-processing use the full forward."""
+        cfg = self.model.config
+        decoder = getattr(self.model, "get_decoder", lambda: None)()
+        head = self.model.get_output_embeddings()
+        if decoder is None or head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            return logits, lambda x: x
+        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state, head
 
     # -- generation --
     @torch.inference_mode()
