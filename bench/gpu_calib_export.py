@@ -32,7 +32,7 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 def build_model(shape: dict, layers: int | None, seed: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**{**shape, **({"num_hidden_layers": layers} if layers else {})})
+    cfg = LlamaConfig(**{**shape, **({"num_hidden_layers": layers} if layers else {})}, architectures=["LlamaForCausalLM"])
     torch.manual_seed(seed)
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -52,6 +52,7 @@ class RecipeOutcome:
     checkpoint_bytes: int | None = None
     baseline_cache: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    peak_gpu_bytes: dict[str, int] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
     deltas: dict[str, float] = field(default_factory=dict)
     log_file: str = ""
@@ -66,11 +67,15 @@ class StageClock:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.timings: dict[str, float] = {}
+        self.peak_gpu_bytes: dict[str, int] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         log.info("[%s] %s: start", self.prefix, name)
         t0 = time.perf_counter()
+        cuda = _cuda_in_use()
+        if cuda:
+            cuda.reset_peak_memory_stats()
         try:
             _fault_point(name)
             yield
@@ -79,7 +84,20 @@ class StageClock:
             raise
         dt = time.perf_counter() - t0
         self.timings[name] = round(self.timings.get(name, 0.0) + dt, 3)
-        log.info("[%s] %s: done in %.1f s", self.prefix, name, dt)
+        peak = ""
+        if cuda or _cuda_in_use():
+            cuda = cuda or _cuda_in_use()
+            self.peak_gpu_bytes[name] = max(self.peak_gpu_bytes.get(name, 0), int(cuda.max_memory_allocated()))
+            peak = f", peak GPU memory {self.peak_gpu_bytes[name] / 2**30:.2f} GiB"
+        log.info("[%s] %s: done in %.1f s%s", self.prefix, name, dt, peak)
+
+
+def _cuda_in_use() -> Any:
+    """torch.cuda when torch is already imported and a GPU is present (never imports torch)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() else None
 
 
 def _fault_point(stage: str) -> None:
@@ -250,12 +268,39 @@ def quantize_and_export(recipe: Recipe, model_dir: Path, run_dir: Path, manifest
         calib = calibrate(model, tok, recipe, fmt, device)
     calib.save(run_dir / "calibration.json")
     manifest.mark("calibrate", file="calibration.json", seconds=calib.seconds)
+    if needs_legacy_trtllm_checkpoint(recipe, fmt):
+        from quantgate.engines.trtllm_legacy import export_legacy_checkpoint, legacy_paths
+
+        # Before the unified export, which mutates the model.
+        with clock.stage("export_legacy"):
+            export_legacy_checkpoint(model, decoder_type(model), recipe.model.dtype,
+                                     legacy_paths(run_dir / "checkpoint").checkpoint_dir, recipe.engine.tensor_parallel_size)
     with clock.stage("export"):
         ckpt = export_checkpoint(model, tok, fmt, recipe.model.dtype, run_dir / "checkpoint")
     del model
     ckpt.save(run_dir / "checkpoint.json")
     manifest.mark("export", file="checkpoint.json", bytes=ckpt.size_bytes)
     return calib, ckpt
+
+
+def needs_legacy_trtllm_checkpoint(recipe: Recipe, fmt: formats.FormatSpec) -> bool:
+    """INT8 SmoothQuant (or trtllm_path=legacy) on TensorRT-LLM runs from a trtllm-build engine."""
+    if recipe.engine.backend != "tensorrt-llm":
+        return False
+    from quantgate.engines.tensorrt_llm import resolve_trtllm_path
+
+    return resolve_trtllm_path(recipe.engine.trtllm_path, fmt) == "legacy"
+
+
+# ModelOpt's decoder_type names for export_tensorrt_llm_checkpoint, by HF model_type.
+DECODER_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen", "qwen3": "qwen", "gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3", "mixtral": "llama"}
+
+
+def decoder_type(model: Any) -> str:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in DECODER_TYPES:
+        raise StageError("export", f"no legacy TensorRT-LLM decoder type known for model_type {model_type!r}; use a PyTorch-backend format (fp8, int4_awq)")
+    return DECODER_TYPES[model_type]
 
 
 # ---- one recipe ---------------------------------------------------------------------------------
@@ -372,8 +417,9 @@ def run_recipe(
                 outcome_reg = promote(recipe, manifest, run_dir, tracker, register_checkpoint, verdict, fmt, calib, base, clock)
                 outcome.registered_version = outcome_reg.get("version")
                 outcome.promoted = bool(outcome_reg.get("promoted"))
-            outcome.timings = clock.timings
+            outcome.timings, outcome.peak_gpu_bytes = clock.timings, clock.peak_gpu_bytes
             tracker.log_metrics({f"time.{k}": v for k, v in clock.timings.items()})
+            tracker.log_metrics({f"peak_gpu_bytes.{k}": v for k, v in clock.peak_gpu_bytes.items()})
             atomic_write_json(run_dir / "outcome.json", outcome.to_dict())
             tracker.log_artifact(run_dir / "outcome.json", "results")
             tracker.log_artifact(run_dir / "run.log", "results")
