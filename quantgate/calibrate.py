@@ -31,6 +31,14 @@ def check_awq_block_size(model: Any, block: int) -> None:
         raise StageError("calibrate", f"AWQ block size {block} does not divide linear input dims {bad}{hint}")
 
 
+def decoder_of(model: Any) -> Any:
+    """The transformer body without the output head, if the model exposes it and the head is
+    excluded from quantization (ModelOpt's configs disable '*lm_head*')."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if decoder is not None and decoder is not model else model
+
+
 def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, device: str, data: CalibrationBatches | None = None) -> CalibrationInfo:
     """Quantize `model` in place. `data`: pre-tokenized batches (default: built from the recipe)."""
     import torch
@@ -48,8 +56,11 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
     def forward_loop(m: Any) -> None:
         # AWQ runs the loop more than once (statistics, then search); show each pass.
         passes["n"] += 1
+        # The decoder alone: lm_head is never quantized, and its logits (batch x seq x vocab) would
+        # be the largest activation of the pass (0.5 GiB for 8 x 256 tokens at vocab 128K).
+        body = decoder_of(m)
         for batch in tqdm(data.batches, desc=f"calibrate {fmt.name} pass {passes['n']}", leave=False, disable=None):
-            m(batch.to(device))
+            body(input_ids=batch.to(device))
 
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -167,6 +167,7 @@ def baseline_checkpoint(recipe: Recipe, model_dir: Path, model_hash: str, clock:
         model, tok = load_model(model_dir, recipe.model, dtype=torch_dtype(recipe.model.dtype), device="cpu")
         ckpt = export_checkpoint(model, tok, formats.get_format("fp16"), recipe.model.dtype, out)
         del model
+        release_memory()
         ckpt.save(meta)
     return ckpt
 
@@ -216,8 +217,22 @@ def evaluate_checkpoint(ckpt: Checkpoint, recipe: Recipe, side: str, golden_refe
     from quantgate.engines import load_engine
     from quantgate.evaluation.run import evaluate_side
 
-    with load_engine(ckpt, recipe.engine) as engine:
-        return evaluate_side(engine, recipe.evaluation, side=side, golden_reference=golden_reference)
+    try:
+        with load_engine(ckpt, recipe.engine) as engine:
+            return evaluate_side(engine, recipe.evaluation, side=side, golden_reference=golden_reference)
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Drop a finished model before the next one loads (a matrix run holds one at a time)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def ensure_baseline(recipe: Recipe, model_dir: Path, clock: StageClock, memo: dict[str, Baseline]) -> Baseline:
@@ -278,6 +293,7 @@ def quantize_and_export(recipe: Recipe, model_dir: Path, run_dir: Path, manifest
     with clock.stage("export"):
         ckpt = export_checkpoint(model, tok, fmt, recipe.model.dtype, run_dir / "checkpoint")
     del model
+    release_memory()
     ckpt.save(run_dir / "checkpoint.json")
     manifest.mark("export", file="checkpoint.json", bytes=ckpt.size_bytes)
     return calib, ckpt
