@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default="gpu_bench.json")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--formats", default="fp8,int4_awq")
+    ap.add_argument("--quantgate-first", action="store_true", help="run the quantgate side before the plain side")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import build_tokenizer
@@ -124,7 +125,7 @@ def main() -> None:
     for fmt in args.formats.split(","):
         cfg_name, block, n = plan[fmt]
         data = batches(n, 512, 8, LLAMA_8B["vocab_size"], 0)
-        for side in ("plain", "quantgate"):
+        for side in (("quantgate", "plain") if args.quantgate_first else ("plain", "quantgate")):
             gc.collect()
             torch.cuda.empty_cache()
             model = build_model(LLAMA_8B, args.layers, 0)
