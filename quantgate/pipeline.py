@@ -249,6 +249,9 @@ def ensure_baseline(recipe: Recipe, model_dir: Path, clock: StageClock, memo: di
     text = cache.load_entry(key)
     if text is not None:
         log.info("baseline: cache hit %s", key)
+        # No baseline evaluation will catch over-long prompts before calibration: check now.
+        with clock.stage("prompt_lengths"):
+            check_prompt_lengths_early(recipe, model_dir)
         base = Baseline(ckpt, EvalResults.model_validate_json(text), key, True)
     else:
         log.info("baseline: cache miss %s; evaluating the %s baseline", key, recipe.model.dtype)
@@ -297,6 +300,20 @@ def quantize_and_export(recipe: Recipe, model_dir: Path, run_dir: Path, manifest
     ckpt.save(run_dir / "checkpoint.json")
     manifest.mark("export", file="checkpoint.json", bytes=ckpt.size_bytes)
     return calib, ckpt
+
+
+def check_prompt_lengths_early(recipe: Recipe, model_dir: Path) -> None:
+    """Preflight's prompt-length check, before any calibration: the suite's longest request vs
+    engine.max_input_len (the evaluation stage checks again, per request)."""
+    from transformers import AutoTokenizer
+
+    from quantgate.evaluation.suites import longest_prompt_tokens
+    from quantgate.preflight import preflight
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+    longest = longest_prompt_tokens(tok, recipe.evaluation)
+    preflight(recipe, longest_prompt_tokens=longest)
+    log.info("[%s] longest evaluation prompt: %d tokens (engine.max_input_len %d)", recipe.name, longest, recipe.engine.max_input_len)
 
 
 def needs_legacy_trtllm_checkpoint(recipe: Recipe, fmt: formats.FormatSpec) -> bool:

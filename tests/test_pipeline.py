@@ -162,3 +162,11 @@ def test_changed_task_file_invalidates_the_baseline(workspace, tmp_path):
     (suite / "suite.yaml").write_text(text.replace("min_target_chars: 4", "min_target_chars: 5"))
     proc = quantgate(workspace, "run", "fp8.yaml", "--json", "--set", f"evaluation.suite={suite}")
     assert "baseline: cache miss" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_prompts_longer_than_the_engine_limit_fail_before_calibration(workspace):
+    proc = quantgate(workspace, "run", "fp8.yaml", "--json", "--set", "engine.max_input_len=16", "--set", "engine.max_seq_len=32", "--fresh")
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 2 and out["exit_code"] == 2, proc.stderr[-2000:]
+    assert "max_input_len" in out["reason"] and "\n" not in out["reason"]
+    assert "calibrate" not in out["timings"]  # refused before any calibration

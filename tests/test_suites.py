@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantgate.errors import StageError
+from quantgate.errors import PreflightError, StageError
 from quantgate.recipe import EvaluationSpec
 
 SMALL_SUITE = """
@@ -155,7 +155,7 @@ def test_prompt_length_check(suite_dir, tiny_tok):
     built = build_suite(spec.suite, spec.seed)
     tasks, _ = load_task_dict(built, spec)
     check_prompt_lengths(_TokOnlyEngine(tiny_tok, longest, longest + 8), tasks, spec, built)  # fits exactly
-    with pytest.raises(StageError) as err:
+    with pytest.raises(PreflightError) as err:  # bad input: exit 2
         check_prompt_lengths(_TokOnlyEngine(tiny_tok, longest - 1, longest + 8), tasks, spec, built)
     msg = str(err.value)
     assert "\n" not in msg

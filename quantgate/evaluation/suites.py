@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from quantgate.data import in_split
-from quantgate.errors import StageError
+from quantgate.errors import PreflightError, StageError
 from quantgate.evaluation.results import ItemRecord, TaskResult
 
 if TYPE_CHECKING:
@@ -544,9 +544,9 @@ def check_prompt_lengths(engine: Engine, tasks: dict[str, Any], spec: Evaluation
     if over:
         longest = max(n for _, n in over)
         names = ", ".join(sorted({t for t, _ in over}))
-        raise StageError(
-            "evaluate",
-            f"{len(over)} prompts are longer than the engine accepts (longest {longest} tokens; max_input_len={limits.max_input_len}, "
+        # Bad input (limits vs suite), not a runtime fault: exit 2 like the preflight check.
+        raise PreflightError(
+            f"evaluate: {len(over)} prompts are longer than the engine accepts (longest {longest} tokens; max_input_len={limits.max_input_len}, "
             f"max_seq_len={limits.max_seq_len}; tasks: {names}); prompts are never truncated: raise the engine limits or drop those tasks",
         )
 
