@@ -251,7 +251,7 @@ def ensure_baseline(recipe: Recipe, model_dir: Path, clock: StageClock, memo: di
         log.info("baseline: cache hit %s", key)
         # No baseline evaluation will catch over-long prompts before calibration: check now.
         with clock.stage("prompt_lengths"):
-            check_prompt_lengths_early(recipe, model_dir)
+            check_prompt_lengths_early(recipe, model_dir, cache.baseline_root() / key / "longest_prompt.txt")
         base = Baseline(ckpt, EvalResults.model_validate_json(text), key, True)
     else:
         log.info("baseline: cache miss %s; evaluating the %s baseline", key, recipe.model.dtype)
@@ -302,16 +302,22 @@ def quantize_and_export(recipe: Recipe, model_dir: Path, run_dir: Path, manifest
     return calib, ckpt
 
 
-def check_prompt_lengths_early(recipe: Recipe, model_dir: Path) -> None:
+def check_prompt_lengths_early(recipe: Recipe, model_dir: Path, memo: Path) -> None:
     """Preflight's prompt-length check, before any calibration: the suite's longest request vs
-    engine.max_input_len (the evaluation stage checks again, per request)."""
-    from transformers import AutoTokenizer
-
-    from quantgate.evaluation.suites import longest_prompt_tokens
+    engine.max_input_len (the evaluation stage checks again, per request). The length is memoized
+    beside the baseline cache entry, whose key covers the tokenizer, suite and limits."""
     from quantgate.preflight import preflight
 
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code)
-    longest = longest_prompt_tokens(tok, recipe.evaluation)
+    if memo.is_file():
+        longest = int(memo.read_text())
+    else:
+        from transformers import AutoTokenizer
+
+        from quantgate.evaluation.suites import longest_prompt_tokens
+
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+        longest = longest_prompt_tokens(tok, recipe.evaluation)
+        atomic_write_text(memo, str(longest))
     preflight(recipe, longest_prompt_tokens=longest)
     log.info("[%s] longest evaluation prompt: %d tokens (engine.max_input_len %d)", recipe.name, longest, recipe.engine.max_input_len)
 

@@ -170,3 +170,13 @@ def test_prompts_longer_than_the_engine_limit_fail_before_calibration(workspace)
     assert proc.returncode == 2 and out["exit_code"] == 2, proc.stderr[-2000:]
     assert "max_input_len" in out["reason"] and "\n" not in out["reason"]
     assert "calibrate" not in out["timings"]  # refused before any calibration
+
+
+def test_regate_from_an_mlflow_run_id(workspace):
+    # The workspace's store is mlruns/mlflow.db under the cwd: the default tracking URI.
+    outcome = json.loads(next((workspace / "runs").glob("fp8-*/outcome.json")).read_text())
+    proc = quantgate(workspace, "gate", outcome["mlflow_run_id"], "--json", "--set", "gate.golden.max_mean_kl=0.0", "--set", "gate.golden.min_top1_agreement=1.0")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["decision"] == "REGRESSION"
+    missing = quantgate(workspace, "gate", "0123456789abcdef0123456789abcdef")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
