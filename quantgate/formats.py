@@ -7,9 +7,10 @@ when a config is built.
 from __future__ import annotations
 
 import copy
-import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+from quantgate.registry import lookup
 
 if TYPE_CHECKING:
     from quantgate.recipe import QuantizationSpec
@@ -102,9 +103,4 @@ FORMATS: dict[str, FormatSpec] = {
 
 
 def get_format(name: str) -> FormatSpec:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, FORMATS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown format {name!r}{hint} (known: {', '.join(FORMATS)})") from None
+    return lookup(FORMATS, name, "format")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from quantgate.registry import lookup
 
 if TYPE_CHECKING:
     from quantgate.artifacts import Checkpoint
@@ -37,12 +38,7 @@ BACKENDS: dict[str, BackendInfo] = {
 
 
 def backend_info(name: str) -> BackendInfo:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, BACKENDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown engine backend {name!r}{hint} (known: {', '.join(BACKENDS)})") from None
+    return lookup(BACKENDS, name, "engine backend")
 
 
 def load_engine(checkpoint: Checkpoint, spec: EngineSpec) -> Engine:
