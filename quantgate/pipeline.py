@@ -361,7 +361,7 @@ def run_recipe(
     from quantgate.evaluation.results import EvalResults
     from quantgate.gate import judge
     from quantgate.report import junit_xml, summary_markdown, verdict_table
-    from quantgate.tracking import register_checkpoint, version_tags
+    from quantgate.tracking import version_tags
 
     fmt = formats.get_format(recipe.quantization.format)
     run_dir = run_dir_for(recipe)
@@ -453,7 +453,7 @@ def run_recipe(
             if recipe.promotion.enabled and not recipe.tracking.enabled:
                 log.warning("tracking.enabled is false: the checkpoint is not registered or promoted")
             elif recipe.promotion.enabled:
-                outcome_reg = promote(recipe, manifest, run_dir, tracker, register_checkpoint, verdict, fmt, calib, base, clock)
+                outcome_reg = promote(recipe, manifest, run_dir, tracker, verdict, fmt, calib, base, clock)
                 outcome.registered_version = outcome_reg.get("version")
                 outcome.promoted = bool(outcome_reg.get("promoted"))
             outcome.timings, outcome.peak_gpu_bytes = clock.timings, clock.peak_gpu_bytes
@@ -503,8 +503,10 @@ def open_tracker(recipe: Recipe, run_name: str, **kwargs: Any) -> Any:
     return RunTracker(recipe.tracking, run_name=run_name, **kwargs)
 
 
-def promote(recipe: Recipe, manifest: Manifest, run_dir: Path, tracker: Any, register: Any, verdict: Any, fmt: Any, calib: Any, base: Baseline, clock: StageClock) -> dict[str, Any]:
+def promote(recipe: Recipe, manifest: Manifest, run_dir: Path, tracker: Any, verdict: Any, fmt: Any, calib: Any, base: Baseline, clock: StageClock) -> dict[str, Any]:
     """Register the checkpoint; move the alias only on PASS. Never twice for one run directory."""
+    from quantgate.tracking import register_checkpoint
+
     if manifest.done("promote"):
         log.info("resume: promotion already done (%s)", manifest.get("promote"))
         return manifest.get("promote")
@@ -519,7 +521,7 @@ def promote(recipe: Recipe, manifest: Manifest, run_dir: Path, tracker: Any, reg
         manifest.mark("promote", **existing)
         return existing
     with clock.stage("promote"):
-        reg = register(
+        reg = register_checkpoint(
             tracker, "checkpoint", recipe.promotion,
             passed=verdict.decision.value == "PASS", decision=verdict.decision.value,
             tags={
@@ -529,8 +531,7 @@ def promote(recipe: Recipe, manifest: Manifest, run_dir: Path, tracker: Any, reg
                 "quantgate.baseline_key": base.key, "quantgate.run_key": run_key,
             },
         )
-    info = reg.model_dump(mode="json") if hasattr(reg, "model_dump") else asdict(reg)
-    info = {k: (str(v) if k == "version" else v) for k, v in info.items()}
+    info = asdict(reg)  # Registration.version is already a string
     atomic_write_json(run_dir / "registration.json", info)
     manifest.mark("promote", **info)
     return info
