@@ -1,4 +1,4 @@
-"""Command line: parse, call the pipeline, map outcomes to exit codes. Nothing heavy at import.
+"""Command line: parse, call the runner, map outcomes to exit codes. Nothing heavy at import.
 
 Exit codes: 0 PASS, 1 REGRESSION, 2 bad input, 3 runtime error, 4 INCONCLUSIVE, 5 ANOMALOUS.
 """
@@ -22,9 +22,21 @@ from quantgate.errors import ExitCode, QuantgateError, RecipeError
 log = logging.getLogger("quantgate")
 
 
+class _NoTraceback(logging.Formatter):
+    """The console shows one line per record; tracebacks go to the run's log file only."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(_NoTraceback("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -91,12 +103,35 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from quantgate.recipe import load_recipe, recipe_to_yaml
+    from quantgate.recipe import load_recipe
+    from quantgate.sinks import public_recipe_yaml
 
     recipe = load_recipe(args.recipe, args.set or [])
     if os.environ.get("MLFLOW_TRACKING_URI"):
         recipe.tracking.uri = os.environ["MLFLOW_TRACKING_URI"]
-    sys.stdout.write(recipe_to_yaml(recipe))
+    sys.stdout.write(public_recipe_yaml(recipe))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from quantgate.plan import describe, plan
+    from quantgate.runner import run_dir_for
+
+    for recipe, path in _load_all(args.recipes, args.set or []):
+        print(f"{path}: {recipe.name} ({recipe.quantization.format}, backend {recipe.engine.backend}) -> {run_dir_for(recipe)}")
+        print(describe(plan(recipe)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from quantgate.regate import _from_mlflow
+    from quantgate.reports.html import write_matrix_report, write_run_report
+
+    folders = [Path(r) if Path(r).is_dir() else _from_mlflow(r) for r in args.runs]
+    if len(folders) == 1:
+        print(write_run_report(folders[0]))
+    else:
+        print(write_matrix_report(folders, Path(args.out)))
     return 0
 
 
@@ -112,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in report.warnings:
             log.warning("[%s] preflight: %s", recipe.name, line)
     with _stdout_to_stderr(args.json) as out:
-        from quantgate.pipeline import matrix_table, run_recipes, worst
+        from quantgate.runner import matrix_table, run_recipes, worst
 
         outcomes = run_recipes(recipes, fresh=args.fresh)
         code = worst([o.exit_code for o in outcomes])
@@ -127,6 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(matrix_table(outcomes))
             for o in outcomes:
                 line = f"{o.recipe}: {o.decision} (exit {o.exit_code})"
+                if o.reused:
+                    line += " [stored outcome of a complete run directory: nothing re-run or uploaded]"
                 if o.reason:
                     line += f" - {o.reason}"
                 if o.exit_code == ExitCode.ERROR:
@@ -254,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_gate)
 
+    pl = sub.add_parser("plan", help="print the stages a run of each recipe will execute")
+    pl.add_argument("recipes", nargs="+")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    pl.set_defaults(func=cmd_plan)
+
+    rp = sub.add_parser("report", help="(re)build the HTML report of a run directory or MLflow run id (several: a matrix report)")
+    rp.add_argument("runs", nargs="+", help="run directories or MLflow run ids")
+    rp.add_argument("--out", default="quantgate-report", help="output folder of a matrix report")
+    rp.set_defaults(func=cmd_report)
+
     c = sub.add_parser("cache", help="list or clear the baseline cache")
     c.add_argument("action", choices=["ls", "clear"])
     c.set_defaults(func=cmd_cache)
@@ -278,14 +325,27 @@ def main(argv: list[str] | None = None) -> int:
         print("quantgate: interrupted", file=sys.stderr)
         return int(ExitCode.ERROR)
     except Exception as err:  # one line for the user; the traceback goes to the log file
-        log_path = Path(".quantgate") / "last-error.log"
-        log_path.parent.mkdir(exist_ok=True)
-        import traceback
-
-        log_path.write_text(traceback.format_exc())
         first = str(err).splitlines()[0] if str(err) else ""
-        print(f"quantgate: runtime error: {type(err).__name__}: {first} (log: {log_path})", file=sys.stderr)
+        print(f"quantgate: runtime error: {type(err).__name__}: {first} (log: {_write_traceback()})", file=sys.stderr)
         return int(ExitCode.ERROR)
+
+
+def _write_traceback() -> str:
+    """The traceback of the exception being handled, in ./.quantgate/last-error.log or, where the
+    working directory is read-only, the temp folder. Never raises: it runs on the error path."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    for folder in (Path(".quantgate"), Path(tempfile.gettempdir()) / f"quantgate-{os.getuid()}"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "last-error.log"
+            path.write_text(text)
+            return str(path)
+        except OSError:
+            continue
+    return "not written: no writable folder"
 
 
 if __name__ == "__main__":

@@ -197,6 +197,14 @@ class Recipe(_Strict):
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def artifact_hash(self) -> str:
+        """Hash of what changes the artifact and its evaluation (model, quantization, calibration,
+        engine, evaluation): the run directory's key. Tracking, gate thresholds and promotion are
+        left out: changing them re-logs or re-judges stored results instead of recomputing."""
+        keep = {k: v for k, v in self.to_dict().items() if k in ("name", "model", "quantization", "calibration", "engine", "evaluation")}
+        blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def baseline(self) -> Recipe:
         """The FP16/BF16 baseline this recipe is judged against: same everything, no quantization."""
         data = self.to_dict()

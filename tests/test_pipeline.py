@@ -133,11 +133,13 @@ def test_sigkill_inside_a_stage_then_resume(workspace, stage):
     after = versions(workspace)
     assert len(after) == len(before) + 1, "registered exactly once across the kill and the resume"
     if stage in ("evaluate", "gate", "track", "promote"):
-        assert "resume: calibrate and export already complete" in resumed.stderr
+        assert "resume: export already complete" in resumed.stderr
+        assert "calibrate: start" not in resumed.stderr  # the checkpoint is reused, not recalibrated
     run_dir = Path(out["run_dir"]) if Path(out["run_dir"]).is_absolute() else workspace / out["run_dir"]
     assert not list(run_dir.glob(".*partial")), "no half-written folder is left in use"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {"calibrate", "export", "evaluate", "gate", "promote"} <= set(manifest["stages"])
+    assert {"files", "mlflow", "registry"} <= set(manifest["sinks"])
 
 
 def test_corrupt_baseline_cache_entry_is_rejected_and_recomputed(workspace, tmp_path_factory):

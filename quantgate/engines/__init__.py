@@ -1,17 +1,26 @@
-"""Engine backends behind a small registry: name -> lazily imported class."""
+"""Engine backends behind a small registry: name -> lazily imported module.
+
+A backend is one module plus one entry here. The module provides the engine class and what is
+the backend's own business, as module-level functions the run asks for by name:
+  identity(recipe) -> dict        what changes its scores (device, dtype, version, scoring
+                                  method): part of the baseline cache key and the stage keys
+  extra_stages(recipe) -> [Stage] stages it needs in the plan (e.g. TensorRT-LLM's legacy export)
+Preflight checks per backend live in quantgate/preflight.py.
+"""
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quantgate.registry import lookup
 
 if TYPE_CHECKING:
     from quantgate.artifacts import Checkpoint
     from quantgate.engines.base import Engine
-    from quantgate.recipe import EngineSpec
+    from quantgate.recipe import EngineSpec, Recipe
+    from quantgate.stages import Stage
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,22 @@ BACKENDS: dict[str, BackendInfo] = {
 
 def backend_info(name: str) -> BackendInfo:
     return lookup(BACKENDS, name, "engine backend")
+
+
+def _backend_module(name: str) -> Any:
+    return importlib.import_module(backend_info(name).target.split(":")[0])
+
+
+def backend_identity(recipe: Recipe) -> dict[str, Any]:
+    """The backend's own identity for this recipe (see the module docstring)."""
+    fn = getattr(_backend_module(recipe.engine.backend), "identity", None)
+    return {"backend": recipe.engine.backend, **(fn(recipe) if fn else {})}
+
+
+def backend_stages(recipe: Recipe) -> list[Stage]:
+    """Extra stages the backend contributes to a quantized recipe's plan (before `export`)."""
+    fn = getattr(_backend_module(recipe.engine.backend), "extra_stages", None)
+    return list(fn(recipe)) if fn else []
 
 
 def load_engine(checkpoint: Checkpoint, spec: EngineSpec) -> Engine:

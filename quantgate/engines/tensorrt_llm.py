@@ -531,3 +531,30 @@ class TensorRTLLMEngine(Engine):
         llm, self.llm = self.llm, None
         if llm is not None and hasattr(llm, "shutdown"):
             llm.shutdown()
+
+
+# ---- what this backend contributes to a run (see engines/__init__.py) ---------------------------
+
+
+def identity(recipe: Any) -> dict[str, Any]:
+    """TensorRT-LLM's version decides the scoring method (prompt_logprobs vs context logits), the
+    path decides the runtime: both key the baseline cache and the comparability facts."""
+    from quantgate import formats
+    from quantgate.engines.trtllm_legacy import installed_version
+
+    version = installed_version() or "absent"
+    fmt = formats.get_format(recipe.quantization.format)
+    path = resolve_trtllm_path(recipe.engine.trtllm_path, fmt)
+    return {"tensorrt_llm": version, "path": path, "score_mode": resolve_score_mode(recipe.engine.trtllm_score_mode, version, path)}
+
+
+def extra_stages(recipe: Any) -> list[Any]:
+    """INT8 SmoothQuant (or trtllm_path=legacy) runs from a trtllm-build engine: the plan gets a
+    legacy checkpoint export before the unified one."""
+    from quantgate import formats
+    from quantgate.engines.trtllm_legacy import _legacy_export_stage
+
+    fmt = formats.get_format(recipe.quantization.format)
+    if fmt.quantized and resolve_trtllm_path(recipe.engine.trtllm_path, fmt) == "legacy":
+        return [_legacy_export_stage()]
+    return []

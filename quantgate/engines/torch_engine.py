@@ -200,6 +200,12 @@ def compute_dtype_for(device: str, checkpoint_dtype: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(checkpoint_dtype, torch.float16)
 
 
+def identity(recipe: Any) -> dict[str, Any]:
+    """What changes this backend's scores besides the checkpoint (see engines/__init__.py)."""
+    device = resolve_device(recipe.engine.device)
+    return {"device_type": device, "compute_dtype": str(compute_dtype_for(device, recipe.model.dtype)), "torch": torch.__version__}
+
+
 class TorchEngine(Engine):
     backend = "torch"
 

@@ -266,3 +266,51 @@ def load_runner(checkpoint: Checkpoint, spec: EngineSpec, fmt: FormatSpec) -> tu
         raise StageError("engine", f"TensorRT-LLM could not load the engine in {paths.engine_dir}: {type(err).__name__}: {err}") from err
     info["engine_dir"] = str(paths.engine_dir)
     return llm, SamplingParams, info
+
+
+# ---- the stage this path adds to a run's plan (see engines/__init__.py: extra_stages) -----------
+
+# ModelOpt's decoder_type names for export_tensorrt_llm_checkpoint, by HF model_type.
+DECODER_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen", "qwen3": "qwen", "gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3", "mixtral": "llama"}
+
+
+def decoder_type(model: Any) -> str:
+    from quantgate.errors import StageError
+
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in DECODER_TYPES:
+        raise StageError("export", f"no legacy TensorRT-LLM decoder type known for model_type {model_type!r}; use a PyTorch-backend format (fp8, int4_awq)")
+    return DECODER_TYPES[model_type]
+
+
+def _legacy_export_stage() -> Any:
+    from typing import ClassVar
+
+    from quantgate.stages import RunContext, Stage
+
+    class ExportLegacy(Stage):
+        """Write ModelOpt's legacy TensorRT-LLM checkpoint for trtllm-build (before `export`,
+        which mutates the model)."""
+
+        name: ClassVar[str] = "export_legacy"
+        needs: ClassVar[tuple[str, ...]] = ("calibrated",)
+        produces: ClassVar[str] = "legacy_checkpoint"
+
+        def identity(self, recipe: Any) -> Any:
+            return {"tp": recipe.engine.tensor_parallel_size, "dtype": recipe.model.dtype}
+
+        def run(self, ctx: RunContext, *, calibrated: Any) -> str:
+            out = legacy_paths(ctx.run_dir / "checkpoint").checkpoint_dir
+            export_legacy_checkpoint(calibrated.model, decoder_type(calibrated.model), ctx.recipe.model.dtype, out, ctx.recipe.engine.tensor_parallel_size)
+            return str(out)
+
+        def save(self, ctx: RunContext, value: str) -> dict[str, Any]:
+            return {"dir": value}
+
+        def load(self, ctx: RunContext) -> Any:
+            from quantgate.stages import MISSING
+
+            out = legacy_paths(ctx.run_dir / "checkpoint").checkpoint_dir
+            return str(out) if (out / "config.json").is_file() else MISSING
+
+    return ExportLegacy()

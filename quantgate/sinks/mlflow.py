@@ -1,0 +1,212 @@
+"""The MLflow record of a run: params (the flattened recipe), tags (versions, keys, verdict),
+metrics under the same keys for every recipe (so MLflow's compare view lines recipes up), the
+result files, the HTML report and the checkpoint, and a Markdown description."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from quantgate.sinks import Sink, settings_key
+
+if TYPE_CHECKING:
+    from quantgate.recipe import Recipe
+    from quantgate.runner import RecipeOutcome, Run
+    from quantgate.stages import Stage
+
+log = logging.getLogger("quantgate")
+
+RESULT_FILES = ("verdict.json", "verdict.txt", "junit.xml", "summary.md", "baseline_results.json", "candidate_results.json",
+                "items.jsonl", "golden.json", "golden_diff.md", "golden_diff.html", "calibration.json", "fidelity.json", "report.html")
+
+
+def uri_fingerprint(recipe: Recipe) -> str:
+    """The store a record went to, as a hash (the URI may hold credentials: never on disk)."""
+    from quantgate.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(recipe.tracking)
+    return hashlib.sha256(f"{uri}\n{recipe.tracking.experiment}".encode()).hexdigest()[:16]
+
+
+def results_metrics(side: str, results: Any) -> dict[str, float]:
+    out = {}
+    for task, tr in results.tasks.items():
+        for metric, value in tr.metrics.items():
+            out[f"{side}.{task}.{metric}"] = value
+        out[f"{side}.{task}.items"] = len(tr.items)
+        if tr.seconds:
+            out[f"{side}.{task}.tokens_per_second"] = tr.tokens_per_second
+    return out
+
+
+def check_metrics(verdict: Any) -> dict[str, float]:
+    out = {}
+    for c in verdict.checks:
+        safe = c.name.replace("/", ".").replace(" ", "_")
+        for attr in ("delta", "ci_high", "p_value", "mdd"):
+            v = getattr(c, attr, None)
+            if isinstance(v, (int, float)):
+                out[f"gate.{safe}.{attr}"] = float(v)
+        out[f"gate.{safe}.passed"] = 1.0 if c.status == "pass" else 0.0
+    return out
+
+
+def description_markdown(run: Run) -> str:
+    """What a reviewer reads first on the run and model-version pages."""
+    o = run.outcome
+    verdict = run.get("verdict") if "verdict" in run.values else None
+    lines = [f"**{o.decision}** (exit {o.exit_code}): {o.reason}", ""]
+    if verdict is not None:
+        deciding = [c for c in verdict.checks if c.gated and c.status != "pass"] or [c for c in verdict.checks if c.gated][:3]
+        if deciding:
+            lines += ["| check | worsening | upper bound | limit | status |", "|---|---|---|---|---|"]
+            from quantgate.report import ci_text, limit_text
+
+            for c in deciding[:8]:
+                delta = "-" if c.delta is None else f"{c.delta:+.4g}"
+                lines.append(f"| {c.name} | {delta} | {ci_text(c)} | {limit_text(c.limit)} | {c.status} |")
+            lines.append("")
+    size = f"{o.checkpoint_bytes / 1e6:.1f} MB" if o.checkpoint_bytes else "-"
+    lines.append(f"Recipe `{run.recipe.name}`, format `{o.format}`, checkpoint {size}, baseline cache {o.baseline_cache or '-'}.")
+    lines.append("Full report: artifact `results/report.html`; verdict table: `results/verdict.txt`.")
+    return "\n".join(lines)
+
+
+class MatrixParent:
+    """The parent MLflow run of a matrix, opened only when a child has something to record."""
+
+    def __init__(self, recipe: Recipe, names: list[str]) -> None:
+        self.recipe, self.names = recipe, names
+        self.tracker: Any = None
+
+    def run_id(self) -> str | None:
+        if not self.recipe.tracking.enabled:
+            return None
+        if self.tracker is None:
+            from quantgate.tracking import RunTracker, version_tags
+
+            self.tracker = RunTracker(self.recipe.tracking, "matrix: " + ", ".join(self.names), tags={"quantgate.matrix": "true", **version_tags()}).start()
+        return self.tracker.run_id
+
+    def close(self, outcomes: list[RecipeOutcome], table: str) -> None:
+        if self.tracker is None:
+            return
+        try:
+            self.tracker.set_tags({"quantgate.verdicts": ", ".join(f"{o.recipe}={o.decision}" for o in outcomes)})
+            self.tracker.log_metrics({f"{o.recipe}.exit_code": o.exit_code for o in outcomes})
+            self.tracker.log_text(table, "matrix.txt")
+            self.tracker.end("FINISHED")
+        except Exception as err:  # the children hold the record; the parent is a summary
+            log.warning("could not close the matrix's MLflow run: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+class MlflowSink(Sink):
+    name = "mlflow"
+
+    def __init__(self, parent: MatrixParent | None = None) -> None:
+        self.parent = parent
+        self.tracker: Any = None
+
+    def key(self, run: Run, result_key: str) -> str:
+        return settings_key(result_key, uri_fingerprint(run.recipe))
+
+    def run_start(self, run: Run) -> None:
+        # Opened before any stage: an unreachable store fails the run before calibration.
+        if run.sink_done(self):
+            return
+        from quantgate.recipe import flatten
+        from quantgate.tracking import RunTracker, version_tags
+
+        recipe = run.recipe
+        tags = {"quantgate.recipe": recipe.name, "quantgate.format": run.outcome.format,
+                "quantgate.recipe_hash": recipe.content_hash(), "quantgate.artifact_hash": recipe.artifact_hash(), **version_tags()}
+        parent_id = self.parent.run_id() if self.parent else None
+        self.tracker = RunTracker(recipe.tracking, recipe.name, parent_run_id=parent_id, tags=tags).start()
+        previous = run.manifest.data.get("mlflow_run_id")
+        if previous and previous != self.tracker.run_id:
+            self.tracker.set_tags({"quantgate.resumed_from": previous})
+            close_interrupted_run(self.tracker.client, previous, f"interrupted or superseded; continued as run {self.tracker.run_id}")
+        run.manifest.set("mlflow_run_id", self.tracker.run_id)
+        run.outcome.mlflow_run_id = self.tracker.run_id
+        import yaml
+
+        from quantgate.sinks import public_recipe_yaml
+
+        self.tracker.log_params(flatten(yaml.safe_load(public_recipe_yaml(recipe))))
+        self.tracker.log_artifact(run.run_dir / "recipe.yaml")
+
+    def stage_done(self, run: Run, stage: Stage, value: Any) -> None:
+        if self.tracker is None:
+            return
+        if stage.produces == "baseline":
+            self.tracker.set_tags({"quantgate.baseline_cache": f"{'hit' if value.cache_hit else 'miss'} {value.key}", "quantgate.baseline_key": value.key})
+        elif stage.produces == "calibrated":
+            self.tracker.set_tags({"quantgate.calibration_sha256": value.info.content_sha256})
+            self.tracker.log_metrics({"calibration.seconds": value.info.seconds, "calibration.tokens": value.info.tokens})
+
+    def run_done(self, run: Run) -> None:
+        if self.tracker is None:  # run_start found nothing to do, but the result changed since
+            self.run_start(run)
+        with run.clock.stage("track"):
+            self._record(run)
+
+    def _record(self, run: Run) -> None:
+        t = self.tracker
+        base, cand, verdict, ckpt = run.get("baseline"), run.get("candidate"), run.get("verdict"), run.get("checkpoint")
+        t.log_metrics({"checkpoint.bytes": ckpt.size_bytes, "checkpoint.ratio_to_baseline": ckpt.size_bytes / max(base.checkpoint.size_bytes, 1)})
+        t.log_metrics(results_metrics("baseline", base.results))
+        t.log_metrics(results_metrics("candidate", cand))
+        golden = run.get("golden")
+        if golden is not None:
+            t.log_metrics({f"golden.{k}": getattr(golden, k) for k in ("exact_match_rate", "mean_prefix_agreement", "mean_token_agreement", "mean_kl", "top1_agreement")})
+        fidelity = run.get("fidelity") if "fidelity" in run.producers else None
+        if fidelity is not None:
+            t.log_metrics({f"export_fidelity.{k}": float(x) for k, x in fidelity.model_dump().items()})
+        t.log_metrics(check_metrics(verdict))
+        t.log_metrics({f"time.{k}": s for k, s in run.clock.timings.items()})
+        t.log_metrics({f"peak_gpu_bytes.{k}": b for k, b in run.clock.peak_gpu_bytes.items()})
+        t.set_tags({
+            "quantgate.verdict": verdict.decision.value, "quantgate.verdict_reason": verdict.reason[:5000],
+            "quantgate.candidate_is_baseline": str(not formats_quantized(run.recipe)).lower(),
+            # The runs table shows run names: put the verdict where a reviewer looks.
+            "mlflow.runName": f"{run.recipe.name} [{verdict.decision.value}]",
+            "mlflow.note.content": description_markdown(run),
+        })
+        for name in RESULT_FILES:
+            if (run.run_dir / name).is_file():
+                t.log_artifact(run.run_dir / name, "results")
+        for image in sorted(run.run_dir.glob("report_*.png")):
+            t.log_artifact(image, "results")
+        if formats_quantized(run.recipe):
+            t.log_checkpoint(ckpt.dir, "checkpoint")
+        else:  # the baseline export lives in the shared cache: upload it as this run's checkpoint
+            t.log_checkpoint(base.checkpoint.dir, "checkpoint")
+        t.log_artifact(run.run_dir / "outcome.json", "results")
+        t.log_artifact(run.run_dir / "run.log", "results")
+        run.manifest.set("mlflow_artifact_uri", t.artifact_uri)
+        t.end("FINISHED")
+
+    def reuse(self, run: Run) -> None:
+        run.outcome.mlflow_run_id = run.manifest.data.get("mlflow_run_id")
+
+    def run_failed(self, run: Run) -> None:
+        if self.tracker is not None and self.tracker.status is None:
+            self.tracker.fail(run.outcome.reason)
+
+
+def close_interrupted_run(client: Any, run_id: str, reason: str) -> None:
+    """A run killed with SIGKILL (or cut off from its server) stays RUNNING: close it FAILED."""
+    try:
+        old = client.get_run(run_id)
+        if old.info.status == "RUNNING":
+            client.set_tag(run_id, "quantgate.failure", reason)
+            client.set_terminated(run_id, status="FAILED")
+    except Exception as err:  # it may live in another store (the tracking URI changed)
+        log.warning("could not close earlier MLflow run %s: %s", run_id, str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+def formats_quantized(recipe: Recipe) -> bool:
+    from quantgate import formats
+
+    return formats.get_format(recipe.quantization.format).quantized

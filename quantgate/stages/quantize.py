@@ -1,0 +1,139 @@
+"""Stages `calibrate`, `probe` and `export`: ModelOpt calibration, a look at the calibrated model
+before export, and the unified checkpoint that is evaluated, registered and deployed.
+
+The calibrated model lives only in memory (an 8B model is not written twice): a run killed
+between calibrate and export calibrates again. ModelOpt's export mutates the model, so every
+stage that reads the in-memory model comes before `export` in the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from quantgate import formats
+from quantgate.artifacts import CalibrationInfo, Checkpoint
+from quantgate.evaluation.results import GoldenOutput
+from quantgate.rundir import atomic_write_text
+from quantgate.stages import MISSING, RunContext, Stage
+from quantgate.stages.baseline import Baseline, release_memory, torch_dtype
+from quantgate.stages.model import ModelRef
+
+log = logging.getLogger("quantgate")
+
+
+@dataclass
+class CalibratedModel:
+    model: Any
+    tokenizer: Any
+    info: CalibrationInfo
+    device: str
+
+
+def calibration_device(recipe: Any) -> str:
+    import torch
+
+    if recipe.engine.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+class Calibrate(Stage):
+    """Load the 16-bit model and quantize it in place with ModelOpt over the calibration text."""
+
+    name: ClassVar[str] = "calibrate"
+    needs: ClassVar[tuple[str, ...]] = ("model",)
+    produces: ClassVar[str] = "calibrated"
+    persistent: ClassVar[bool] = False  # in memory only; calibration.json records what was done
+
+    def identity(self, recipe: Any) -> Any:
+        return {"dtype": recipe.model.dtype, "quantization": recipe.quantization.model_dump(mode="json"),
+                "calibration": recipe.calibration.model_dump(mode="json"), "device": recipe.engine.device}
+
+    def run(self, ctx: RunContext, *, model: ModelRef) -> CalibratedModel:
+        from quantgate.calibrate import calibrate
+        from quantgate.models import load_model
+
+        recipe = ctx.recipe
+        device = calibration_device(recipe)
+        # CPU: calibrate in float32 (fast, exact fake-quant) and cast to 16-bit at export.
+        dtype = torch_dtype(recipe.model.dtype) if device == "cuda" else torch_dtype("float32")
+        with ctx.clock.stage("load_model"):
+            hf_model, tok = load_model(model.dir, recipe.model, dtype=dtype, device=device)
+        info = calibrate(hf_model, tok, recipe, formats.get_format(recipe.quantization.format), device)
+        info.save(ctx.run_dir / "calibration.json")
+        return CalibratedModel(hf_model, tok, info, device)
+
+    def save(self, ctx: RunContext, value: CalibratedModel) -> dict[str, Any]:
+        return {"file": "calibration.json", "seconds": value.info.seconds, "sha256": value.info.content_sha256}
+
+
+class ProbeCalibrated(Stage):
+    """Score the golden prompts with the calibrated in-memory model (teacher-forced along the
+    baseline's outputs), so the report can show how much drift the export itself adds."""
+
+    name: ClassVar[str] = "probe"
+    needs: ClassVar[tuple[str, ...]] = ("calibrated", "baseline")
+    produces: ClassVar[str] = "probe"
+
+    def identity(self, recipe: Any) -> Any:
+        return recipe.evaluation.golden.model_dump(mode="json")
+
+    def run(self, ctx: RunContext, *, calibrated: CalibratedModel, baseline: Baseline) -> list[GoldenOutput]:
+        from quantgate.engines.base import EngineLimits
+        from quantgate.engines.torch_engine import TorchEngine
+        from quantgate.evaluation.golden import run_golden
+
+        if not (ctx.recipe.evaluation.golden.enabled and baseline.results.golden):
+            return []
+        e = ctx.recipe.engine
+        engine = TorchEngine.from_model(calibrated.model, calibrated.tokenizer, EngineLimits(e.max_batch_size, e.max_input_len, e.max_seq_len), calibrated.device)
+        return run_golden(engine, ctx.recipe.evaluation, reference=baseline.results.golden)
+
+    def save(self, ctx: RunContext, value: list[GoldenOutput]) -> dict[str, Any]:
+        import json
+
+        atomic_write_text(ctx.run_dir / "probe_golden.json", json.dumps([g.model_dump(mode="json") for g in value]))
+        return {"file": "probe_golden.json", "prompts": len(value)}
+
+    def load(self, ctx: RunContext) -> Any:
+        import json
+
+        try:
+            return [GoldenOutput.model_validate(g) for g in json.loads((ctx.run_dir / "probe_golden.json").read_text())]
+        except (OSError, ValueError):
+            return MISSING
+
+
+class Export(Stage):
+    """Write the unified HF checkpoint (+ tokenizer, hf_quant_config.json) atomically."""
+
+    name: ClassVar[str] = "export"
+    needs: ClassVar[tuple[str, ...]] = ("calibrated",)
+    produces: ClassVar[str] = "checkpoint"
+
+    def identity(self, recipe: Any) -> Any:
+        return {"format": recipe.quantization.format, "dtype": recipe.model.dtype}
+
+    def run(self, ctx: RunContext, *, calibrated: CalibratedModel) -> Checkpoint:
+        from quantgate.export import export_checkpoint
+
+        fmt = formats.get_format(ctx.recipe.quantization.format)
+        ckpt = export_checkpoint(calibrated.model, calibrated.tokenizer, fmt, ctx.recipe.model.dtype, ctx.run_dir / "checkpoint")
+        # The exported model is mutated and of no further use: drop it before evaluation loads
+        # the checkpoint (the runner also releases `calibrated` once nothing else needs it).
+        calibrated.model = None
+        release_memory()
+        return ckpt
+
+    def save(self, ctx: RunContext, value: Checkpoint) -> dict[str, Any]:
+        value.save(ctx.run_dir / "checkpoint.json")
+        return {"file": "checkpoint.json", "bytes": value.size_bytes}
+
+    def load(self, ctx: RunContext) -> Any:
+        try:
+            ckpt = Checkpoint.load(ctx.run_dir / "checkpoint.json")
+        except (OSError, ValueError):
+            return MISSING
+        return ckpt if (ckpt.dir / "config.json").is_file() else None
