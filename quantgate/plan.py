@@ -2,8 +2,8 @@
 
     quantized recipe:  model -> baseline -> calibrate -> probe -> [backend stages] -> export
                        -> evaluate -> golden -> fidelity -> gate
-    16-bit recipe:     model -> baseline -> export (= the baseline artifact)
-                       -> evaluate (= the baseline's results) -> golden -> gate
+    16-bit recipe:     model -> baseline -> candidate_is_baseline_artifact
+                       -> candidate_is_baseline_results -> golden -> gate
 
 The runner (quantgate/runner.py) executes a plan; sinks (quantgate/sinks/) turn its artifacts
 into files, MLflow records, registry versions and reports. `quantgate plan RECIPE` prints it.

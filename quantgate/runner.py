@@ -82,8 +82,11 @@ def _cuda_in_use() -> Any:
 
 
 def fault_point(stage: str) -> None:
-    """Fault injection for the resume tests: QUANTGATE_KILL_IN=<stage> SIGKILLs this process
-    inside that stage (after its start is logged), as an OOM killer or a preempted node would."""
+    """Fault injection for the fault tests: QUANTGATE_KILL_IN=<stage> SIGKILLs this process inside
+    that stage (after its start is logged), as an OOM killer or a preempted node would;
+    QUANTGATE_FAIL_IN=<stage> raises an unexpected exception there, as a library bug would."""
+    if os.environ.get("QUANTGATE_FAIL_IN") == stage:
+        raise RuntimeError(f"injected failure in stage {stage} (QUANTGATE_FAIL_IN)\nsecond line of the message")
     if os.environ.get("QUANTGATE_KILL_IN") == stage:
         import signal
 
@@ -220,7 +223,7 @@ class Run:
         self.values[name] = value
         self.ran.append(stage.name)
         if not stage.always:
-            self.manifest.data["stages"][stage.name] = {"key": self.key(stage), **details}
+            self.manifest.data["stages"][stage.name] = {**details, "key": self.key(stage)}
             self.manifest.set("stages", self.manifest.data["stages"])
         return value
 

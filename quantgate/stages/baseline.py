@@ -185,7 +185,7 @@ class EvaluateBaseline(Stage):
     def save(self, ctx: RunContext, value: Baseline) -> dict[str, Any]:
         value.results.save(ctx.run_dir / "baseline_results.json")
         BaselineRecord(checkpoint=value.checkpoint, key=value.key, cache_hit=value.cache_hit).save(ctx.run_dir / "baseline.json")
-        return {"file": "baseline_results.json", "key": value.key}
+        return {"file": "baseline_results.json", "cache_key": value.key}
 
     def load(self, ctx: RunContext) -> Any:
         try:

@@ -44,7 +44,7 @@ class EvaluateCandidate(Stage):
 class BaselineArtifact(Stage):
     """16-bit recipe: the checkpoint under judgement is the baseline's own export."""
 
-    name: ClassVar[str] = "export"
+    name: ClassVar[str] = "candidate_is_baseline_artifact"
     needs: ClassVar[tuple[str, ...]] = ("baseline",)
     produces: ClassVar[str] = "checkpoint"
     persistent: ClassVar[bool] = False
@@ -56,7 +56,7 @@ class BaselineArtifact(Stage):
 class BaselineIsCandidate(Stage):
     """16-bit recipe: the candidate's results are the baseline's (same artifact, not re-evaluated)."""
 
-    name: ClassVar[str] = "evaluate"
+    name: ClassVar[str] = "candidate_is_baseline_results"
     needs: ClassVar[tuple[str, ...]] = ("baseline",)
     produces: ClassVar[str] = "candidate"
     persistent: ClassVar[bool] = False
