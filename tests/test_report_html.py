@@ -487,7 +487,7 @@ def test_matrix_report_renders_in_chromium(runs, tmp_path_factory):
     dom = chromium(shots, page, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     m = parse(dom.stdout)
-    assert len(m.having("svg", **{"class": "scatter"})) == 10  # union of the runs' gated checks
+    assert len(m.having("svg", **{"class": "scatter"})) == 9  # union of the runs' gated checks
     png = shots / "report_matrix.png"
     shot = chromium(shots, page, f"--screenshot={png}", "--window-size=1200,1500")
     assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]

@@ -440,7 +440,7 @@ def matrix_report_html(runs: list[RunData], out_dir: Path) -> str:
     else:
         body.append('<p class="missing">No gated checks to plot.</p>')
     body.append('<h2 id="recipes">Recipes</h2>')
-    head = ["recipe", "format", "checkpoint", "vs baseline", "verdict", *[f"<code>{e(n)}</code>" for n in names], "reason", "report"]
+    head = ["recipe", "format", "checkpoint", "vs baseline", "verdict", *[f"<code>{e(n)}</code>" for n in names], "report"]
     rows = []
     for r in runs:
         link = os.path.relpath(r.run_dir / RUN_HTML, out_dir)
@@ -459,10 +459,13 @@ def matrix_report_html(runs: list[RunData], out_dir: Path) -> str:
         reason = r.reason if len(r.reason) <= 160 else r.reason[:159] + "…"
         if r.candidate_is_baseline:
             reason = f"{SAME_ARTIFACT_TEXT}. {reason}"
-        cells += [f'<td title="{e(r.reason)}">{e(reason)}</td>', f'<td><a href="{e(link)}">report</a></td>']
-        rows.append(f'<tr class="recipe-row" data-recipe="{e(r.name)}" data-decision="{e(r.decision)}">' + "".join(cells) + "</tr>")
-    body.append('<table class="matrix"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
-    body.append('<p class="note">Check columns: the worsening in metric units, coloured by that check\'s status (hover for the detail).</p>')
+        cells.append(f'<td><a href="{e(link)}">report</a></td>')
+        rows.append(f'<tr class="recipe-row" data-recipe="{e(r.name)}" data-decision="{e(r.decision)}">' + "".join(cells) + "</tr>"
+                    f'<tr class="detail"><td colspan="{len(head)}" title="{e(r.reason)}">{e(reason)}</td></tr>')
+    body.append('<div class="plot"><table class="matrix"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
+                + "".join(rows) + "</tbody></table></div>")
+    body.append('<p class="note">Check columns: the worsening in metric units, coloured by that check\'s status (hover for the '
+                "detail); under each recipe its verdict's reason.</p>")
     return _page(f"quantgate matrix: {len(runs)} recipes", "".join(body))
 
 

@@ -347,6 +347,7 @@ def scatter_svg(panel: ScatterPanel, index: int) -> str:
                 out.append(f'<line x1="{X(p.mb) - 12:.1f}" y1="{Y(p.margin):.1f}" x2="{X(p.mb) + 12:.1f}" y2="{Y(p.margin):.1f}" stroke="{BAD}" stroke-dasharray="3,2"/>')
     out.append(f'<text x="{left + pw / 2}" y="{PANEL_H - 8}" text-anchor="middle" fill="#555">checkpoint size (MB)</text>')
     out.append(f'<text transform="translate(14,{top + ph / 2}) rotate(-90)" text-anchor="middle" fill="#555">worsening (up = worse)</text>')
+    placed: list[tuple[float, float, float, float]] = []
     for p in pts:
         colour = decision_colour(p.decision)
         out.append(f'<g class="scatter-point" data-recipe="{e(p.recipe)}" data-decision="{e(p.decision)}" data-status="{e(p.status)}">')
@@ -366,10 +367,23 @@ def scatter_svg(panel: ScatterPanel, index: int) -> str:
         label = p.recipe + (" (= baseline)" if p.same_artifact else "")
         anchor = "end" if cx > left + pw * 0.7 else "start"
         dx = -9 if anchor == "end" else 9
-        out.append(f'<text x="{cx + dx:.1f}" y="{cy - 7:.1f}" text-anchor="{anchor}" fill="#222" font-size="11.5">{e(label)}</text>')
+        ly = _free_label_y(placed, cx + dx, cy, len(label) * 6.6, anchor)
+        out.append(f'<text x="{cx + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}" fill="#222" font-size="11.5">{e(label)}</text>')
         out.append("</g>")
     out.append("</svg>")
     return "".join(out)
+
+
+def _free_label_y(placed: list[tuple[float, float, float, float]], x: float, cy: float, width: float, anchor: str) -> float:
+    """A baseline y for a label near (x, cy) that overlaps no label placed before (greedy)."""
+    x0 = x - width if anchor == "end" else x
+    for dy in (-7, 17, -21, 31, -35, 45):
+        y = cy + dy
+        box = (x0, y - 11, x0 + width, y + 2)
+        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            placed.append(box)
+            return y
+    return cy - 7
 
 
 # ---- PNG images (matplotlib, optional) --------------------------------------------------------------
