@@ -418,8 +418,8 @@ def _save(fig, path: Path) -> Path:
 def forest_png(rows: list[ForestRow], path: Path, *, gated: bool = True, title: str = "") -> Path:
     lo_edge, hi_edge = _forest_range(rows, gated)
     n = max(len(rows), 1)
-    fig = _figure(10, 1.3 + 0.38 * n)
-    ax = fig.add_axes((0.27, 0.8 / (1.3 + 0.38 * n), 0.45, 0.38 * n / (1.3 + 0.38 * n)))
+    fig = _figure(12.5, 1.3 + 0.38 * n)
+    ax = fig.add_axes((0.19, 0.8 / (1.3 + 0.38 * n), 0.42, 0.38 * n / (1.3 + 0.38 * n)))
     ax.set_xlim(lo_edge, hi_edge)
     ax.set_ylim(n - 0.5, -0.5)
     if gated:
@@ -431,6 +431,11 @@ def forest_png(rows: list[ForestRow], path: Path, *, gated: bool = True, title: 
         colour = STATUS_COLOURS.get(r.status, "#37474f")
         if r.lo is not None and r.hi is not None:
             ax.plot([max(r.lo, lo_edge), min(r.hi, hi_edge)], [i, i], color=colour, lw=2.5, solid_capstyle="butt")
+            for v in (r.lo, r.hi):  # end caps where the interval ends inside the axis
+                if lo_edge <= v <= hi_edge:
+                    ax.plot([v], [i], marker="|", color=colour, ms=10, mew=2)
+        if r.x is None:
+            ax.text(lo_edge, i, "  " + r.note, va="center", fontsize=8, color=colour, style="italic")
         if r.x is not None:
             ax.plot([min(max(r.x, lo_edge), hi_edge)], [i], marker="D" if r.kind == "golden" else "o", color=colour, ms=7, mec="white")
         word = r.status.upper() if r.status != "not gated" else "info"
@@ -446,8 +451,8 @@ def forest_png(rows: list[ForestRow], path: Path, *, gated: bool = True, title: 
 
 def flips_png(tasks: list[TaskComparison], path: Path, title: str = "") -> Path:
     n = max(len(tasks), 1)
-    fig = _figure(8, 1.2 + 0.45 * n)
-    ax = fig.add_axes((0.25, 0.7 / (1.2 + 0.45 * n), 0.65, 0.45 * n / (1.2 + 0.45 * n)))
+    fig = _figure(8, 1.5 + 0.45 * n)
+    ax = fig.add_axes((0.25, 0.7 / (1.5 + 0.45 * n), 0.65, 0.45 * n / (1.5 + 0.45 * n)))
     names = [t.task for t in tasks]
     ax.barh(range(len(tasks)), [-t.better for t in tasks], color=GOOD, label="candidate better (wrong → right)")
     ax.barh(range(len(tasks)), [t.worse for t in tasks], color=BAD, label="candidate worse (right → wrong)")
@@ -459,8 +464,9 @@ def flips_png(tasks: list[TaskComparison], path: Path, title: str = "") -> Path:
     ax.set_yticks(range(len(tasks)), names, fontsize=8.5)
     ax.set_ylim(len(tasks) - 0.5, -0.5)
     ax.axvline(0, color="#444", lw=1)
-    ax.set_xlabel("items / documents that changed (paired)", fontsize=9)
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.set_xlabel("items / documents that changed (paired by doc_id and prompt hash)", fontsize=9)
+    ax.xaxis.set_major_formatter(lambda v, _pos: f"{abs(v):g}")
+    ax.legend(fontsize=7.5, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10, x=0.02, ha="left")
     return _save(fig, path)
@@ -469,7 +475,9 @@ def flips_png(tasks: list[TaskComparison], path: Path, title: str = "") -> Path:
 def scatter_png(panels: list[ScatterPanel], path: Path, title: str = "") -> Path:
     cols = min(2, max(len(panels), 1))
     rows = math.ceil(max(len(panels), 1) / cols)
-    fig = _figure(6 * cols, 4 * rows)
+    height = 4 * rows + 0.8  # 0.8 in on top for the title and the legend
+    fig = _figure(6 * cols, height)
+    xmax = max([p.mb for panel in panels for p in panel.points] + [1e-9]) * 1.3  # room for the labels
     for k, panel in enumerate(panels):
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.axhline(0, color="#444", lw=1)
@@ -487,9 +495,15 @@ def scatter_png(panels: list[ScatterPanel], path: Path, title: str = "") -> Path
         ax.set_title(panel.check, fontsize=9, loc="left")
         ax.set_xlabel("checkpoint size (MB)", fontsize=8)
         ax.set_ylabel("worsening (up = worse)", fontsize=8)
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, xmax)
         ax.grid(color="#e6e6e6")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", ls="", color=decision_colour(d), label=d) for d in DECISION_COLOURS if d != "BAD_INPUT"]
+    handles += [Line2D([], [], marker="o", ls="", color="#555", mfc="white", mew=2, label="candidate = baseline artifact"),
+                Line2D([], [], ls="--", color=BAD, label="margin")]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - 0.4 / height))
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))
     return _save(fig, path)
