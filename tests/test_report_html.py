@@ -348,6 +348,21 @@ def test_a_run_that_stopped_before_the_gate_still_reports(tmp_path):
     assert parse(text).having("div", id="verdict")[0]["data-decision"] == "ERROR"
 
 
+def test_mlflow_artifact_layout_is_read_too(runs, tmp_path):
+    """A run's artifacts downloaded from MLflow: recipe.yaml on top, the rest under results/."""
+    import shutil
+
+    dl = tmp_path / "artifacts"
+    (dl / "results").mkdir(parents=True)
+    shutil.copy(runs["int4"] / "recipe.yaml", dl / "recipe.yaml")
+    for f in runs["int4"].iterdir():
+        if f.name != "recipe.yaml":
+            shutil.copy(f, dl / "results" / f.name)
+    run = load_run(dl)
+    assert run.name == "int4_awq" and run.decision == "REGRESSION" and run.golden is not None and not run.problems
+    assert len(parse(write_run_report(dl).read_text(encoding="utf-8")).having("g", **{"class": "forest-row", "data_gated": "true"})) == 3
+
+
 def test_not_a_run_directory_is_bad_input(tmp_path):
     with pytest.raises(ReportError, match="no such run directory") as err:
         write_run_report(tmp_path / "nope")

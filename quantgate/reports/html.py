@@ -73,6 +73,7 @@ td.lost .muted,td.gained .muted{font-size:.75rem}
 .golden tr.same td.id{border-left:4px solid #2e7d32}
 .golden tr.diff td.id{border-left:4px solid #c62828}
 .golden td.id{min-width:10em}
+table.matrix th code{font-size:.75rem;word-break:break-all}
 table.timings{width:auto;min-width:320px}
 .golden .metrics{color:var(--muted);font-size:.78rem;margin-top:.3rem}
 mark.b{background:#d2e3fc}

@@ -313,7 +313,8 @@ def scatter_svg(panel: ScatterPanel, index: int) -> str:
     left, right, top, bottom = 74, 20, 34, 46
     pw, ph = PANEL_W - left - right, PANEL_H - top - bottom
     pts = panel.points
-    xmax = max([p.mb for p in pts] + [1e-9]) * 1.15
+    # x range: every label fits right of its point (labels ~6.6 px a character)
+    xmax = max([p.mb * 1.15 for p in pts] + [p.mb * pw / max(pw - 12 - 6.6 * len(_label(p)), 1) for p in pts] + [1e-9])
     ys = [v for p in pts for v in (p.y, p.lo, p.hi, p.margin) if v is not None and math.isfinite(v)] + [0.0]
     ylo, yhi = min(ys), max(ys)
     pad = (yhi - ylo) * 0.12 or (abs(yhi) * 0.5 or 1.0)
@@ -364,14 +365,19 @@ def scatter_svg(panel: ScatterPanel, index: int) -> str:
         cy = Y(p.y)
         fill = "#fff" if p.same_artifact else colour
         out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{fill}" stroke="{colour}" stroke-width="2"/>')
-        label = p.recipe + (" (= baseline)" if p.same_artifact else "")
-        anchor = "end" if cx > left + pw * 0.7 else "start"
+        label = _label(p)
+        width = len(label) * 6.6
+        anchor = "end" if cx + 9 + width > left + pw else "start"
         dx = -9 if anchor == "end" else 9
-        ly = _free_label_y(placed, cx + dx, cy, len(label) * 6.6, anchor)
+        ly = _free_label_y(placed, cx + dx, cy, width, anchor)
         out.append(f'<text x="{cx + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}" fill="#222" font-size="11.5">{e(label)}</text>')
         out.append("</g>")
     out.append("</svg>")
     return "".join(out)
+
+
+def _label(p: ScatterPoint) -> str:
+    return p.recipe + (" (= baseline)" if p.same_artifact else "")
 
 
 def _free_label_y(placed: list[tuple[float, float, float, float]], x: float, cy: float, width: float, anchor: str) -> float:

@@ -173,18 +173,23 @@ def load_run(run_dir: Path) -> RunData:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
     known = ("outcome.json", "verdict.json", "recipe.yaml", "manifest.json")
-    if not any((run_dir / n).is_file() for n in known):
+
+    def at(name: str) -> Path:
+        # A run's MLflow artifacts, downloaded, keep the results under results/ (recipe.yaml at the top).
+        return run_dir / name if (run_dir / name).is_file() else run_dir / "results" / name
+
+    if not any(at(n).is_file() for n in known):
         raise ReportError(f"{run_dir}: not a quantgate run directory (none of {', '.join(known)} found)")
     problems: list[str] = []
     recipe: dict[str, Any] = {}
-    if (run_dir / "recipe.yaml").is_file():
+    if at("recipe.yaml").is_file():
         try:
-            recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+            recipe = yaml.safe_load(at("recipe.yaml").read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as err:
             problems.append(f"recipe.yaml: unreadable ({err})")
-    outcome = _read_json(run_dir / "outcome.json", problems) or {}
-    manifest = _read_json(run_dir / "manifest.json", problems) or {}
-    vdata = _read_json(run_dir / "verdict.json", problems)
+    outcome = _read_json(at("outcome.json"), problems) or {}
+    manifest = _read_json(at("manifest.json"), problems) or {}
+    vdata = _read_json(at("verdict.json"), problems)
     verdict_extra: dict[str, Any] = {}
     if isinstance(vdata, dict):
         # Keys the Verdict model does not hold (exit_code, flags of newer runs) stay readable.
@@ -195,10 +200,10 @@ def load_run(run_dir: Path) -> RunData:
     return RunData(
         run_dir=run_dir, name=name, format=fmt, recipe=recipe, outcome=outcome, manifest=manifest,
         verdict=_typed(Verdict, vdata, "verdict.json", problems),
-        baseline=_typed(EvalResults, _read_json(run_dir / "baseline_results.json", problems), "baseline_results.json", problems),
-        candidate=_typed(EvalResults, _read_json(run_dir / "candidate_results.json", problems), "candidate_results.json", problems),
-        golden=_typed(GoldenSummary, _read_json(run_dir / "golden.json", problems), "golden.json", problems),
-        calibration=_typed(CalibrationInfo, _read_json(run_dir / "calibration.json", problems), "calibration.json", problems),
-        checkpoint=_typed(Checkpoint, _read_json(run_dir / "checkpoint.json", problems), "checkpoint.json", problems),
+        baseline=_typed(EvalResults, _read_json(at("baseline_results.json"), problems), "baseline_results.json", problems),
+        candidate=_typed(EvalResults, _read_json(at("candidate_results.json"), problems), "candidate_results.json", problems),
+        golden=_typed(GoldenSummary, _read_json(at("golden.json"), problems), "golden.json", problems),
+        calibration=_typed(CalibrationInfo, _read_json(at("calibration.json"), problems), "calibration.json", problems),
+        checkpoint=_typed(Checkpoint, _read_json(at("checkpoint.json"), problems), "checkpoint.json", problems),
         verdict_extra=verdict_extra, problems=problems,
     )
