@@ -124,6 +124,8 @@ def _golden_row(c: Check) -> ForestRow:
 
 
 def _info_row(c: Check) -> ForestRow:
+    if c.kind == "golden":  # an ungated threshold check: its value, no scale to put it on
+        return ForestRow(c.name, "not gated", c.kind, None, None, None, f"{c.metric} {_num(c.candidate)} (no threshold set)", c.detail)
     if c.rel_delta is None:
         why = "no relative scale (baseline 0)" if c.delta is not None else "no estimate"
         note = f"{_signed(c.delta)} [{_signed(c.ci_low)}, {_signed(c.ci_high)}]; {why}" if c.delta is not None else why
