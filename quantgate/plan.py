@@ -27,7 +27,7 @@ def plan(recipe: Recipe) -> list[Stage]:
     fmt = formats.get_format(recipe.quantization.format)
     if not fmt.quantized:
         return [ResolveModel(), EvaluateBaseline(), BaselineArtifact(), BaselineIsCandidate(), GoldenDiff(), Judge(candidate_is_baseline=True)]
-    probe = [ProbeCalibrated()] if recipe.evaluation.golden.enabled and recipe.engine.backend == "torch" else []
+    probe = [ProbeCalibrated()] if recipe.evaluation.golden.enabled else []
     return [
         ResolveModel(),
         EvaluateBaseline(),
