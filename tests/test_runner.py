@@ -67,6 +67,10 @@ def test_gate_change_rejudges_and_tracking_change_relogs_without_recomputing(ws)
     assert first.returncode == 0, first.stderr[-3000:]
     out1 = json.loads(first.stdout)
     assert {"calibrate", "export", "evaluate", "gate"} <= _started(first.stderr)
+    # The calibrated in-memory model was probed before export: the FP8 artifact reproduces it.
+    fidelity = json.loads((Path(out1["run_dir"]) / "fidelity.json").read_text())
+    assert fidelity["prompts"] > 0 and 0 <= fidelity["kl_calibrated_to_artifact"] < 1e-2 and fidelity["top1_calibrated_vs_artifact"] > 0.9
+    assert "Export fidelity" in (Path(out1["run_dir"]) / "report.html").read_text()
 
     # A stricter gate: same run directory, only the gate (and the sinks) run again.
     strict = quantgate(ws, "run", "fp8.yaml", "--json", "--set", "gate.golden.max_mean_kl=0.0", "--set", "gate.golden.min_top1_agreement=1.0")
@@ -167,3 +171,23 @@ def test_plan_prints_the_stages(ws):
     for name in ("model", "baseline", "calibrate", "probe", "export", "evaluate", "golden", "fidelity", "gate"):
         assert f". {name}" in fp8
     assert "calibrate" not in fp16 and "the candidate's results are the baseline's" in fp16
+
+
+def test_export_fidelity_separates_export_drift_from_calibration_drift():
+    from quantgate.evaluation.results import GoldenOutput
+    from quantgate.stages.judge import export_fidelity
+
+    def out(logprobs: list[list[float]]) -> GoldenOutput:
+        return GoldenOutput(id="p", prompt="x", prompt_ids=[1], output_ids=[5, 6], output_text="ab",
+                            ref_top_ids=[[5, 7], [6, 8]], ref_top_logprobs=logprobs, ref_token_logprobs=[lp[0] for lp in logprobs])
+
+    import math
+
+    base = out([[math.log(0.9), math.log(0.1)], [math.log(0.8), math.log(0.2)]])
+    calibrated = out([[math.log(0.85), math.log(0.15)], [math.log(0.8), math.log(0.2)]])
+    artifact = out([[math.log(0.6), math.log(0.4)], [math.log(0.7), math.log(0.3)]])
+    same = export_fidelity([base], [calibrated], [calibrated])
+    assert same.kl_calibrated_to_artifact == 0 and same.export_added_kl == 0
+    worse = export_fidelity([base], [calibrated], [artifact])
+    assert worse.kl_calibrated_to_artifact > 0 and worse.export_added_kl > 0
+    assert abs(worse.export_added_kl - (worse.kl_baseline_to_artifact - worse.kl_baseline_to_calibrated)) < 1e-12

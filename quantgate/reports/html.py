@@ -314,6 +314,23 @@ def _golden_section(run: RunData) -> str:
     return "".join(out)
 
 
+def _fidelity_section(run: RunData) -> str:
+    """How much of the candidate's drift the export adds: ModelOpt's own evaluations judge the
+    calibrated in-memory model, but the artifact is what ships (fused layers are re-smoothed)."""
+    f = run.fidelity
+    if not f:
+        return ""
+    share = f["export_added_kl"] / f["kl_baseline_to_artifact"] if f.get("kl_baseline_to_artifact") else 0.0
+    facts = [("KL(calibrated ‖ artifact)", f"{f['kl_calibrated_to_artifact']:.4g}"),
+             ("top-1 agreement calibrated vs artifact", f"{f['top1_calibrated_vs_artifact']:.1%}"),
+             ("KL(baseline ‖ calibrated in memory)", f"{f['kl_baseline_to_calibrated']:.4g}"),
+             ("KL(baseline ‖ exported artifact)", f"{f['kl_baseline_to_artifact']:.4g}"),
+             ("drift added by the export", f"{f['export_added_kl']:+.4g} ({share:+.0%} of the artifact's KL)")]
+    return ('<h2 id="fidelity">Export fidelity</h2><p class="note">Golden prompts teacher-forced along the baseline\'s outputs, '
+            f"{int(f['prompts'])} prompts; a diagnostic, not gated.</p><div class=\"facts\">"
+            + "".join(f"<div><b>{e(k)}</b>{e(v)}</div>" for k, v in facts) + "</div>")
+
+
 def _calibration_section(run: RunData) -> str:
     out = ['<h2 id="calibration">Calibration, checkpoint and timings</h2>']
     c = run.calibration
@@ -354,7 +371,7 @@ def run_report_html(run: RunData) -> str:
                     "<span>This recipe's candidate is the baseline checkpoint itself (format "
                     f"{e(run.format)} is not quantized): its results are the baseline's, so it passes by construction and says "
                     "nothing about quantization.</span></div>")
-    body += [_facts(run), _gate_section(run), _tasks_section(run), _golden_section(run), _calibration_section(run)]
+    body += [_facts(run), _gate_section(run), _tasks_section(run), _golden_section(run), _fidelity_section(run), _calibration_section(run)]
     return _page(f"quantgate report: {run.name} ({run.format}) {run.decision}", "".join(body))
 
 

@@ -69,6 +69,7 @@ class RunData:
     calibration: CalibrationInfo | None = None
     checkpoint: Checkpoint | None = None
     verdict_extra: dict[str, Any] = field(default_factory=dict)
+    fidelity: dict[str, Any] | None = None  # fidelity.json: KL(calibrated in memory || artifact)
     problems: list[str] = field(default_factory=list)  # files present but unreadable
 
     @property
@@ -205,5 +206,6 @@ def load_run(run_dir: Path) -> RunData:
         golden=_typed(GoldenSummary, _read_json(at("golden.json"), problems), "golden.json", problems),
         calibration=_typed(CalibrationInfo, _read_json(at("calibration.json"), problems), "calibration.json", problems),
         checkpoint=_typed(Checkpoint, _read_json(at("checkpoint.json"), problems), "checkpoint.json", problems),
-        verdict_extra=verdict_extra, problems=problems,
+        verdict_extra=verdict_extra, fidelity=_read_json(at("fidelity.json"), problems) if at("fidelity.json").is_file() else None,
+        problems=problems,
     )
