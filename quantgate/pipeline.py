@@ -539,34 +539,18 @@ def promote(recipe: Recipe, manifest: Manifest, run_dir: Path, tracker: Any, ver
 
 def registered_version_for(recipe: Recipe, run_key: str) -> dict[str, Any] | None:
     """The model version an earlier attempt of this run directory registered, if any."""
-    from quantgate.tracking import _mlflow_client, resolve_tracking_uri
+    # wiring (issue 10): the guard lives in quantgate.tracking.registry (tag written outside redaction)
+    from quantgate.tracking import registered_version_for as _registered
 
-    client = _mlflow_client(resolve_tracking_uri(recipe.tracking))
-    name = recipe.promotion.registered_model
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except Exception:  # no such registered model yet
-        return None
-    for mv in versions:
-        if mv.tags.get("quantgate.run_key") == run_key:
-            aliases = list(getattr(mv, "aliases", []) or [])
-            return {"name": name, "version": str(mv.version), "source": mv.source, "aliases_set": aliases,
-                    "promoted": recipe.promotion.alias in aliases, "previous_alias_version": None}
-    return None
+    return _registered(recipe.promotion.registered_model, run_key, recipe.promotion.alias, tracking_uri=recipe.tracking)
 
 
 def mark_interrupted(recipe: Recipe, old_run_id: str, new_run_id: str) -> None:
     """A run killed with SIGKILL leaves its MLflow run RUNNING: close it as FAILED."""
-    try:
-        from mlflow.tracking import MlflowClient
+    # wiring (issue 10): in the run's own store (was MlflowClient() -> a stray ./mlflow.db)
+    from quantgate.tracking import close_interrupted_run, resolve_tracking_uri
 
-        client = MlflowClient()
-        run = client.get_run(old_run_id)
-        if run.info.status == "RUNNING":
-            client.set_tag(old_run_id, "quantgate.failure", f"interrupted; resumed as run {new_run_id}")
-            client.set_terminated(old_run_id, status="FAILED")
-    except Exception as err:  # the old run may live in another store; not worth failing the resume
-        log.warning("could not close interrupted MLflow run %s: %s", old_run_id, err)
+    close_interrupted_run(resolve_tracking_uri(recipe.tracking), old_run_id, new_run_id)
 
 
 def results_metrics(side: str, results: Any) -> dict[str, float]:

@@ -156,7 +156,8 @@ def registered_version_for(
     if not found:
         return None
     mv = found[0]
-    aliases = [str(a) for a in (getattr(mv, "aliases", None) or [])]
+    # search_model_versions leaves `aliases` empty on some stores; the registered model has them.
+    aliases = sorted(a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(mv.version))
     return {"name": name, "version": str(mv.version), "source": mv.source, "aliases_set": aliases,
             "promoted": alias in aliases, "previous_alias_version": None}
 
