@@ -22,9 +22,21 @@ from quantgate.errors import ExitCode, QuantgateError, RecipeError
 log = logging.getLogger("quantgate")
 
 
+class _NoTracebackFormatter(logging.Formatter):
+    """wiring (issue 10): the terminal gets the one-line message; tracebacks stay in the run's log file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(_NoTracebackFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))  # wiring (issue 10)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

@@ -32,7 +32,6 @@ from quantgate.tracking import (
     redact_uri,
     register_checkpoint,
     registered_version_for,
-    serve_ui,
     start_ui,
     stop_ui,
     wait_healthy,

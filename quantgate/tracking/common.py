@@ -3,6 +3,7 @@ and the one place an MlflowClient is built (bounded HTTP, no URL printing, store
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -49,10 +50,24 @@ class TrackingError(QuantgateError):
     """MLflow could not do what was asked (store unreachable, server did not start, ...)."""
 
 
+class _NoRetryChatter(logging.Filter):
+    """Drops urllib3's "Retrying (...) after connection broken" warnings: a lost store is reported
+    once, as a TrackingError, not as one warning per retry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Retrying (")
+
+
+_RETRY_FILTER = _NoRetryChatter()
+
+
 def configure_mlflow_env() -> None:
     """Bounded HTTP retries/timeouts and no URL printing for this process (user values win)."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if _RETRY_FILTER not in pool_log.filters:
+        pool_log.addFilter(_RETRY_FILTER)
 
 
 def _truncate(text: str, limit: int) -> str:
