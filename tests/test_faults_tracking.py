@@ -443,7 +443,7 @@ def postgres() -> Iterator[str]:
         f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
     try:
         run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"  # MLflow 3.17 defaults to psycopg 3
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop"],
                        capture_output=True, timeout=120)
@@ -501,8 +501,12 @@ def test_ui_stops_its_whole_process_tree(tmp_path: Path, sig: signal.Signals) ->
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "MLflow UI:" in line, line
+        seen = []
+        for line in proc.stdout:  # mlflow's own start-up chatter comes first
+            seen.append(line)
+            if "MLflow UI:" in line:
+                break
+        assert "MLflow UI:" in seen[-1], seen
         tree = _descendants(proc.pid)
         assert tree, "no server process"  # mlflow's CLI and its uvicorn worker(s)
         proc.send_signal(sig)
@@ -512,7 +516,8 @@ def test_ui_stops_its_whole_process_tree(tmp_path: Path, sig: signal.Signals) ->
             time.sleep(0.2)
         assert not [p for p in tree if _alive(p)], "server processes survived"
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", port))  # the port is free again
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+            sock.bind(("127.0.0.1", port))  # nothing listens on the port any more
     finally:
         if proc.poll() is None:
             proc.kill()
