@@ -89,8 +89,25 @@ def _stdout_to_stderr(enabled: bool) -> Iterator[Any]:
 def _apply_env_tracking(recipes: list[tuple[Any, str]]) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        from quantgate.tracking import redact_uri  # wiring (issue 10)
+
         for recipe, _ in recipes:
-            recipe.tracking.uri = uri
+            # wiring (issue 10): the recipe (recipe.yaml, params, show) keeps the URI without
+            # user:password; MLflow still reads the real one from MLFLOW_TRACKING_URI.
+            recipe.tracking.uri = redact_uri(uri)
+
+
+def _check_tracking(recipes: list[tuple[Any, str]]) -> None:
+    """wiring (issue 10): the store must answer (bounded in time) before any model work."""
+    from quantgate.tracking import check_store, resolve_tracking_uri
+
+    seen: set[tuple[str, str]] = set()
+    for recipe, _ in recipes:
+        if recipe.tracking.enabled:
+            key = (resolve_tracking_uri(recipe.tracking), recipe.tracking.experiment)
+            if key not in seen:
+                seen.add(key)
+                check_store(*key)
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -138,6 +155,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     recipes = _load_all(args.recipes, args.set or [])
     _apply_env_tracking(recipes)
+    _check_tracking(recipes)  # wiring (issue 10)
     from quantgate.preflight import preflight
 
     for recipe, _ in recipes:
@@ -240,20 +258,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from quantgate.recipe import TrackingSpec
-    from quantgate.tracking import resolve_tracking_uri, start_ui, stop_ui, wait_healthy
+    from quantgate.tracking import resolve_tracking_uri, run_ui
 
     uri = resolve_tracking_uri(TrackingSpec(uri=args.uri) if args.uri else TrackingSpec())
-    proc = start_ui(uri, host="127.0.0.1", port=args.port)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        wait_healthy(url, timeout=90, proc=proc)
-        print(f"MLflow UI: {url}/#/experiments?workflowType=machine_learning  (store: {uri}; Ctrl-C to stop)", flush=True)
-        proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_ui(proc)  # the server runs in its own process group: Ctrl-C does not reach it
-    return 0
+    # wiring (issue 10): run_ui stops the server's process group on SIGTERM/SIGINT/SIGHUP
+    return run_ui(uri, host="127.0.0.1", port=args.port)
 
 
 # ---- parser -------------------------------------------------------------------------------------

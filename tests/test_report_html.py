@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from quantgate.pipeline import RecipeOutcome, write_item_jsonl
 
 from quantgate.artifacts import CalibrationInfo, Checkpoint
 from quantgate.errors import ExitCode
 from quantgate.evaluation.golden import compare_golden
 from quantgate.evaluation.results import EvalResults, GoldenOutput, ItemRecord, TaskResult
 from quantgate.gate import judge
-from quantgate.pipeline import RecipeOutcome, write_item_jsonl
 from quantgate.recipe import Recipe, recipe_to_yaml
 from quantgate.reports import (
     ReportError,

@@ -349,3 +349,18 @@ def test_server_command_pins_artifacts_next_to_the_db(tmp_path: Path) -> None:
     assert cmd[cmd.index("--artifacts-destination") + 1] == str(tmp_path / "artifacts")
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert "--artifacts-destination" not in server_command("postgresql://db/mlflow")
+
+
+def test_package_keeps_every_name_of_the_old_module() -> None:
+    """quantgate.tracking became a package (uri, redaction, versions, runs, registry, ui); every
+    name the single module offered is still importable from it."""
+    import quantgate.tracking as tracking
+
+    old = ["CANDIDATE_ALIAS", "Registration", "RunTracker", "TrackingError", "alias_version",
+           "default_artifact_root", "download_artifacts", "experiment_artifact_location", "failure_reason",
+           "free_port", "is_sensitive_name", "model_url", "normalize_tracking_uri", "redact", "redact_params",
+           "register_checkpoint", "resolve_tracking_uri", "run_url", "serve_ui", "server_command", "start_ui",
+           "stop_ui", "version_tags", "wait_healthy", "_mlflow_client", "sanitize_key", "TAG_FAILURE",
+           "TAG_MISSING_METRICS", "ensure_experiment", "check_alias", "is_remote", "sqlite_path"]
+    assert [n for n in old if not hasattr(tracking, n)] == []
+    assert set(tracking.__all__) <= set(dir(tracking))

@@ -53,22 +53,11 @@ def settings_key(result_key: str, *settings: Any) -> str:
 def public_recipe_yaml(recipe: Recipe) -> str:
     """The resolved recipe as written to disk and shown to people: credentials removed."""
     from quantgate.recipe import recipe_to_yaml
+    from quantgate.tracking import redact_uri
 
     public = recipe.model_copy(deep=True)
     public.tracking.uri = redact_uri(public.tracking.uri)
     return recipe_to_yaml(public)
-
-
-def redact_uri(uri: str) -> str:
-    """A URI without its user:password@ part."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def default_sinks(recipe: Recipe, parent: Any = None) -> list[Sink]:
@@ -82,5 +71,5 @@ def default_sinks(recipe: Recipe, parent: Any = None) -> list[Sink]:
         tracking = MlflowSink(parent)
         sinks.append(tracking)
         if recipe.promotion.enabled:
-            sinks.append(RegistrySink(tracking))
+            sinks.append(RegistrySink())
     return sinks

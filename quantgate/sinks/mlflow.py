@@ -116,7 +116,7 @@ class MlflowSink(Sink):
         if run.sink_done(self):
             return
         from quantgate.recipe import flatten
-        from quantgate.tracking import RunTracker, version_tags
+        from quantgate.tracking import RunTracker, close_interrupted_run, version_tags
 
         recipe = run.recipe
         tags = {"quantgate.recipe": recipe.name, "quantgate.format": run.outcome.format,
@@ -126,7 +126,7 @@ class MlflowSink(Sink):
         previous = run.manifest.data.get("mlflow_run_id")
         if previous and previous != self.tracker.run_id:
             self.tracker.set_tags({"quantgate.resumed_from": previous})
-            close_interrupted_run(self.tracker.client, previous, f"interrupted or superseded; continued as run {self.tracker.run_id}")
+            close_interrupted_run(self.tracker.uri, previous, self.tracker.run_id)
         run.manifest.set("mlflow_run_id", self.tracker.run_id)
         run.outcome.mlflow_run_id = self.tracker.run_id
         import yaml
@@ -194,16 +194,6 @@ class MlflowSink(Sink):
         if self.tracker is not None and self.tracker.status is None:
             self.tracker.fail(run.outcome.reason)
 
-
-def close_interrupted_run(client: Any, run_id: str, reason: str) -> None:
-    """A run killed with SIGKILL (or cut off from its server) stays RUNNING: close it FAILED."""
-    try:
-        old = client.get_run(run_id)
-        if old.info.status == "RUNNING":
-            client.set_tag(run_id, "quantgate.failure", reason)
-            client.set_terminated(run_id, status="FAILED")
-    except Exception as err:  # it may live in another store (the tracking URI changed)
-        log.warning("could not close earlier MLflow run %s: %s", run_id, str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 def formats_quantized(recipe: Recipe) -> bool:

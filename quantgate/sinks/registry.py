@@ -12,30 +12,12 @@ from quantgate.sinks import Sink, settings_key
 
 if TYPE_CHECKING:
     from quantgate.runner import Run
-    from quantgate.sinks.mlflow import MlflowSink
 
 log = logging.getLogger("quantgate")
 
 
-def registered_version_for(client: Any, name: str, alias: str, run_key: str) -> dict[str, Any] | None:
-    """The model version an earlier attempt of this run directory registered, if any."""
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except Exception:  # no such registered model yet
-        return None
-    for mv in versions:
-        if mv.tags.get("quantgate.run_key") == run_key:
-            aliases = list(getattr(mv, "aliases", []) or [])
-            return {"name": name, "version": str(mv.version), "source": mv.source, "aliases_set": aliases,
-                    "promoted": alias in aliases, "previous_alias_version": None}
-    return None
-
-
 class RegistrySink(Sink):
     name = "registry"
-
-    def __init__(self, tracking: MlflowSink) -> None:
-        self.tracking = tracking
 
     def key(self, run: Run, result_key: str) -> str:
         from quantgate.sinks.mlflow import uri_fingerprint
@@ -55,21 +37,13 @@ class RegistrySink(Sink):
 
         recipe, verdict = run.recipe, run.get("verdict")
         uri = resolve_tracking_uri(recipe.tracking)
-        client = _mlflow_client(uri)
         passed = verdict.decision.value == "PASS"
         run_key = run.manifest.data["run_key"]
-        existing = registered_version_for(client, recipe.promotion.registered_model, recipe.promotion.alias, run_key)
-        if existing is not None:
-            # Registered by an earlier attempt killed before it said so: never register twice.
-            log.info("resume: run %s is already registered as version %s", run_key, existing["version"])
-            if passed and not existing["promoted"]:
-                client.set_registered_model_alias(existing["name"], recipe.promotion.alias, existing["version"])
-                existing["promoted"] = True
-            return existing
         calibrated = run.manifest.data["stages"].get("calibrate")
+        # Idempotent by run key: an attempt killed after registering is found, not registered again.
         reg = register_checkpoint(
             run.manifest.data["mlflow_run_id"], "checkpoint", recipe.promotion, passed=passed, decision=verdict.decision.value,
-            tracking_uri=uri,
+            tracking_uri=uri, run_key=run_key,
             tags={
                 "quantgate.verdict": verdict.decision.value, "quantgate.recipe": recipe.name,
                 "quantgate.format": run.outcome.format, "quantgate.recipe_hash": recipe.content_hash(),
@@ -80,7 +54,7 @@ class RegistrySink(Sink):
         from quantgate.sinks.mlflow import description_markdown
 
         try:
-            client.update_model_version(reg.name, reg.version, description=description_markdown(run))
+            _mlflow_client(uri).update_model_version(reg.name, reg.version, description=description_markdown(run))
         except Exception as err:  # a description is for people; the version and aliases are what count
             log.warning("could not set the model version's description: %s", str(err).splitlines()[0])
         return asdict(reg)
