@@ -171,21 +171,22 @@ def test_standard_task_without_hub_fails_with_one_line(suite_dir, tmp_path, monk
 
     std = tmp_path / "std"
     std.mkdir()
-    (std / "hellaswag.yaml").write_text(
-        "task: hellaswag\ndataset_path: Rowan/hellaswag\noutput_type: multiple_choice\ntest_split: validation\n"
+    (std / "sciq.yaml").write_text(
+        "task: sciq\ndataset_path: allenai/sciq\noutput_type: multiple_choice\ntest_split: validation\n"
         "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\ndoc_to_target: label\n"
     )
     real = lm_tasks.TaskManager
 
     def fake_tm(include_path=None, include_defaults=True, **kw):
-        return real(include_path=[include_path, str(std)], include_defaults=False, **kw)
+        paths = list(include_path) if isinstance(include_path, list) else [include_path]
+        return real(include_path=[*paths, *([str(std)] if include_defaults else [])], include_defaults=False, **kw)
 
     monkeypatch.setattr(lm_tasks, "TaskManager", fake_tm)
     built = build_suite(str(suite_dir), 0)
     with pytest.raises(StageError) as err:
-        load_task_dict(built, EvaluationSpec(suite=str(suite_dir), tasks=["t_cloze", "hellaswag"]))
+        load_task_dict(built, EvaluationSpec(suite=str(suite_dir), tasks=["t_cloze", "sciq"]))
     msg = str(err.value)
-    assert "\n" not in msg and "hellaswag" in msg and "Hub" in msg
+    assert "\n" not in msg and "sciq" in msg and "Hub" in msg
     with pytest.raises(StageError, match="unknown task"):
         load_task_dict(built, EvaluationSpec(suite=str(suite_dir), tasks=["no_such_task"]))
 
