@@ -95,3 +95,32 @@ def test_too_long_request_fails_with_one_line(pair):
         ours.loglikelihood([_inst("loglikelihood", (long_ctx, " end"), 0)])
     msg = str(err.value)
     assert "\n" not in msg and "never truncates" in msg and "longest" in msg
+
+
+def test_shared_context_scoring_equals_the_slow_path(pair):
+    """Engine.score_choices (context run once; KV-cache reuse for longer choices) gives the same
+    log-likelihoods and greedy flags as scoring every (context, choice) pair on its own."""
+    from quantgate.evaluation.lm_eval_adapter import QuantgateLM
+
+    engine = pair[0].engine
+    assert engine.shares_prefixes
+    ours = QuantgateLM(engine, batch_size=4, show_progress=False)
+    slow = QuantgateLM(engine, batch_size=4, show_progress=False, share_contexts=False)
+    texts = _texts()
+    cases = []
+    for i, (ctx, conts) in enumerate([
+        ("Question: which letter?\nAnswer:", [" A", " B", " C", " D"]),  # one-token choices: one forward
+        (texts[1][:80], [" the end of it all", " and", " a long continuation of the text", " x"]),
+        (texts[0][:40], [" so it goes on", " then"]),
+        ("x", [" y z", " 1 2 3 4 5"]),
+        (texts[2][:60], [texts[2][60:90]]),
+    ]):
+        cases += [_inst("loglikelihood", (ctx, c), i) for c in conts]
+    a = ours.loglikelihood(cases)
+    b = slow.loglikelihood(cases)
+    assert len(a) == len(b) == len(cases)
+    for (la, ga), (lb, gb) in zip(a, b, strict=True):
+        assert la == pytest.approx(lb, abs=1e-4)
+        assert ga == gb
+    # the shared path sent fewer tokens through the engine
+    assert ours.stats["align"].tokens < slow.stats["align"].tokens

@@ -85,7 +85,8 @@ def test_fingerprint_follows_the_data(tmp_path, monkeypatch):
     fp_a = suite_fingerprint(spec)
     assert fp_a != suite_fingerprint(EvaluationSpec())  # the standard task is in the key
     assert suite_fingerprint(spec) == fp_a  # stable
-    lines = gzip.open(fake / rel / "requests.jsonl.gz", "rt").read().splitlines()
+    with gzip.open(fake / rel / "requests.jsonl.gz", "rt") as fh:
+        lines = fh.read().splitlines()
     r = json.loads(lines[0])
     r["doc"]["gold"] = (int(r["doc"]["gold"]) + 1) % 4
     lines[0] = json.dumps(r)
