@@ -179,8 +179,8 @@ def test_include_path_task_is_run_paired_and_gated(tmp_path, tiny_model_dir):
 
 # ---- same numbers as lm-eval's own HF backend (slow) -------------------------------------------
 
-AGREE = {"hellaswag": 16, "arc_challenge": 16, "mmlu_anatomy": 8, "mmlu_astronomy": 8, "mmlu_marketing": 8,
-         "lambada_openai": 16, "gsm8k_cot": 3}
+AGREE = {"hellaswag": 12, "arc_challenge": 12, "mmlu_anatomy": 6, "mmlu_astronomy": 6, "mmlu_marketing": 6,
+         "lambada_openai": 12, "gsm8k_cot": 2}
 
 
 @pytest.fixture(scope="module")
@@ -249,5 +249,5 @@ def test_same_numbers_as_lm_eval_hf(smollm_16bit):
             n_items += 1
         for k, v in b["results"][name].items():
             if isinstance(v, float) and "stderr" not in k:
-                assert a["results"][name][k] == pytest.approx(v, abs=1e-6), (name, k)
+                assert a["results"][name][k] == pytest.approx(v, rel=1e-6), (name, k)  # perplexity = exp(-mean ll)
     print(f"lm-eval agreement: {n_items} items identical, {n_ll} log-likelihoods, max |diff| {worst:.2e}")
