@@ -52,7 +52,11 @@ def hf_tokens(out: dict[str, Any], tok: Any) -> int:
     enc = TokenEncoder(tok)
     total = 0
     for samples in out["samples"].values():
+        seen: set[int] = set()
         for s in samples:
+            if s["doc_id"] in seen:  # one logged sample per (doc, filter): count each doc once
+                continue
+            seen.add(s["doc_id"])
             args = s["arguments"]  # one (context, continuation) or (context, gen_kwargs) per request
             if isinstance(args[0][1], str):  # log-likelihood
                 pairs = [enc.encode_pair(x, c) for x, c in args]

@@ -124,3 +124,22 @@ def test_shared_context_scoring_equals_the_slow_path(pair):
         assert ga == gb
     # the shared path sent fewer tokens through the engine
     assert ours.stats["align"].tokens < slow.stats["align"].tokens
+
+
+def test_shared_prefix_generation_equals_plain_generation(pair):
+    """Few-shot prompts sharing their exemplars: the prefix runs once (Engine.generate_shared),
+    the generations equal plain batched generation and lm-eval's HF backend."""
+    from quantgate.evaluation.lm_eval_adapter import QuantgateLM, _common_prefix
+
+    engine, hf = pair[0].engine, pair[1]
+    shot = "The for statement is used to iterate over the elements of a sequence.\n\n"
+    ends = ["Class definitions", "The import system", "An expression", "x", "The while statement is used for"]
+    gen = {"until": ["\n\n", "."], "max_gen_toks": 10, "do_sample": False}
+    reqs = [_inst("generate_until", (shot + e, dict(gen)), i) for i, e in enumerate(ends)]
+    fast = QuantgateLM(engine, batch_size=4, show_progress=False)
+    slow = QuantgateLM(engine, batch_size=4, show_progress=False, share_contexts=False)
+    assert len(_common_prefix([fast.encoder.encode_generation_context(shot + e) for e in ends])) >= 16
+    a, b = fast.generate_until(reqs), slow.generate_until(reqs)
+    assert a == b == hf.generate_until(reqs, disable_tqdm=True)
+    assert any(s.strip() for s in a)
+    assert fast.stats["align"].tokens < slow.stats["align"].tokens

@@ -93,6 +93,14 @@ class Engine(ABC):
             k += len(r.continuations)
         return out
 
+    def generate_shared(
+        self, prefix: list[int], suffixes: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[Generation]:
+        """Greedy continuation of `prefix + suffix` for each suffix (issue 11: few-shot prompts
+        share their exemplars). This default builds it from `generate`; engines that can run the
+        prefix once override it, with the same results."""
+        return self.generate([prefix + list(s) for s in suffixes], max_new_tokens, stop=stop)
+
     @abstractmethod
     def generate(
         self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()

@@ -291,6 +291,13 @@ class TorchEngine(Engine):
 
         return score_choices_shared(self, requests) if self.shares_prefixes else super().score_choices(requests)
 
+    def generate_shared(self, prefix: list[int], suffixes: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+        from quantgate.engines.torch_prefix import generate_shared
+
+        if not self.shares_prefixes:
+            return super().generate_shared(prefix, suffixes, max_new_tokens, stop)
+        return generate_shared(self, prefix, suffixes, max_new_tokens, stop)
+
     def _hidden_and_head(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """Decoder hidden states and the output head, so the (large) vocab projection is applied
         only to scored positions. Models with logit post-processing use the full forward."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from quantgate.engines.base import ChoiceRequest, ScoreResult
+from quantgate.engines.base import ChoiceRequest, Generation, ScoreResult, trim_at_stop
 from quantgate.errors import StageError
 
 if TYPE_CHECKING:
@@ -113,4 +113,92 @@ def score_choices_shared(engine: TorchEngine, requests: Sequence[ChoiceRequest])
                 lp, g = firsts[(row, j)]
                 more_lp, more_g = rest.get((row, j), ([], []))
                 out[i][j] = ScoreResult([lp, *more_lp], [g, *more_g])
+    return out  # type: ignore[return-value]
+
+
+def _finish(engine: TorchEngine, new: list[int], stop: Sequence[str]) -> Generation:
+    """The same trimming as TorchEngine.generate: EOS first, then the earliest stop string."""
+    reason = "length"
+    for j, t in enumerate(new):
+        if t in engine.eos_token_ids:
+            new, reason = new[:j], "eos"
+            break
+    text = engine.tokenizer.decode(new, skip_special_tokens=True)
+    text, stopped = trim_at_stop(text, stop)
+    return Generation(new, text, "stop" if stopped else reason)
+
+
+@torch.inference_mode()
+def generate_shared(
+    engine: TorchEngine, prefix: list[int], suffixes: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()
+) -> list[Generation]:
+    """Greedy generation for prompts `prefix + suffix`: the prefix (e.g. GSM8K-CoT's 8 exemplars)
+    runs ONCE; each batch (longest suffix first) continues from a copy of its KV cache. Suffixes
+    are left-padded after the prefix (padding masked, positions explicit), so every row sees
+    exactly its own prompt; a row stops at EOS or a stop string, the batch when all rows have."""
+    model = engine.model
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    dev, limits = engine.device, engine.limits
+    if not prefix:
+        return engine.generate([list(s) for s in suffixes], max_new_tokens, stop=stop)
+    for s in suffixes:
+        if len(prefix) + len(s) > limits.max_input_len:
+            raise StageError("engine", f"prompt of {len(prefix) + len(s)} tokens exceeds engine.max_input_len={limits.max_input_len}")
+    base = decoder(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
+    prefix_cache, p_len = base.past_key_values, len(prefix)
+    prefix_last = base.last_hidden_state[0, -1]
+    out: list[Generation | None] = [None] * len(suffixes)
+    order = sorted(range(len(suffixes)), key=lambda i: -len(suffixes[i]))
+    eos = set(engine.eos_token_ids)
+    for b in range(0, len(order), limits.max_batch_size):
+        idx = order[b : b + limits.max_batch_size]
+        rows = [list(suffixes[i]) for i in idx]
+        n = len(idx)
+        width = max(len(r) for r in rows)
+        budget = max(min(max_new_tokens, limits.max_seq_len - p_len - width), 1)
+        cache = copy.deepcopy(prefix_cache)
+        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=dev))  # one copy of the prefix per row
+        mask = torch.ones((n, p_len), dtype=torch.long, device=dev)
+        lens = torch.tensor([len(r) for r in rows], device=dev)
+        if width:
+            x = torch.full((n, width), engine.pad_id, dtype=torch.long)
+            xm = torch.zeros((n, width), dtype=torch.long)
+            pos = torch.zeros((n, width), dtype=torch.long)
+            for k, r in enumerate(rows):
+                if r:
+                    x[k, width - len(r) :] = torch.tensor(r)
+                    xm[k, width - len(r) :] = 1
+                    pos[k, width - len(r) :] = p_len + torch.arange(len(r))
+            mask = torch.cat([mask, xm.to(dev)], dim=1)
+            h = decoder(input_ids=x.to(dev), attention_mask=mask, position_ids=pos.to(dev), past_key_values=cache, use_cache=True).last_hidden_state
+            last = h[:, -1]
+            # a row with an empty suffix continues from the prefix's last position
+            empty = lens == 0
+            if bool(empty.any()):
+                last = torch.where(empty[:, None], prefix_last.expand_as(last), last)
+        else:
+            last = prefix_last.expand(n, -1)
+        next_pos = p_len + lens
+        new: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        for step in range(budget):
+            tok = head(last).float().argmax(dim=-1)
+            ids = tok.tolist()
+            for k in range(n):
+                if done[k]:
+                    continue
+                new[k].append(ids[k])
+                if ids[k] in eos:
+                    done[k] = True
+                elif stop and any(s in engine.tokenizer.decode(new[k][-16:], skip_special_tokens=True) for s in stop if s):
+                    # the last tokens' text holds a stop string (the full text is trimmed below)
+                    done[k] = True
+            if all(done) or step == budget - 1:
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=dev)], dim=1)
+            h = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=(next_pos + step)[:, None],
+                        past_key_values=cache, use_cache=True).last_hidden_state
+            last = h[:, -1]
+        for k, i in enumerate(idx):
+            out[i] = _finish(engine, new[k], stop)
     return out  # type: ignore[return-value]

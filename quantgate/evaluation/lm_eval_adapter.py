@@ -321,10 +321,20 @@ class QuantgateLM(LM):
             st = self.stats[task]
             bar = tqdm(total=len(idx), desc=f"generate {task}", disable=not self.show_progress, leave=False)
             step = self.engine.limits.max_batch_size
+            # Few-shot prompts share their exemplars: an engine that can runs them once per call.
+            common = _common_prefix(prompts) if self.share_contexts and self.engine.shares_prefixes and len(idx) > 1 else []
+            if len(common) >= MIN_SHARED_PREFIX:
+                step *= 4  # the shared prefix is computed once per call
+            else:
+                common = []
             for b in range(0, len(order), step):
                 sel = order[b : b + step]
                 t0 = time.perf_counter()
-                gens = self.engine.generate([prompts[j] for j in sel], max_new, stop=until)
+                if common:
+                    gens = self.engine.generate_shared(common, [prompts[j][len(common) :] for j in sel], max_new, stop=until)
+                    st.tokens += len(common) - len(common) * len(sel)  # counted once below per prompt
+                else:
+                    gens = self.engine.generate([prompts[j] for j in sel], max_new, stop=until)
                 st.seconds += time.perf_counter() - t0
                 for j, g in zip(sel, gens, strict=True):
                     # HFLM cuts at every stop string in turn: the same as cutting at the earliest.
@@ -345,6 +355,20 @@ class QuantgateLM(LM):
         st = self.stats[task]
         if st.seconds > 0:
             log.info("%s: %d tokens in %.1f s (%.0f tokens/s)", task, st.tokens, st.seconds, st.tokens / st.seconds)
+
+
+MIN_SHARED_PREFIX = 16  # tokens; below this sharing a generation prefix is not worth a call
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    if not seqs:
+        return []
+    first, n = seqs[0], min(len(x) for x in seqs)
+    for k in range(n):
+        t = first[k]
+        if any(x[k] != t for x in seqs):
+            return first[:k]
+    return first[:n]
 
 
 def encode_lengths_for_requests(encoder: TokenEncoder, instances: Sequence[Any]) -> list[tuple[str, str, int]]:
