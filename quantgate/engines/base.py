@@ -21,6 +21,15 @@ class ScoreRequest:
     start: int
 
 
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """Several continuations of ONE context (a multiple-choice item): score each continuation,
+    conditioned on `context` (len >= 1). An engine may run the shared context once."""
+
+    context: list[int]
+    continuations: list[list[int]]
+
+
 @dataclass
 class ScoreResult:
     logprobs: list[float]
@@ -67,6 +76,30 @@ class Engine(ABC):
     @abstractmethod
     def score(self, requests: Sequence[ScoreRequest], top_k: int = 0) -> list[ScoreResult]:
         """Log-probs of the requested tokens, batched internally up to limits.max_batch_size."""
+
+    # True when score_choices runs each shared context once (the adapter counts tokens that way).
+    shares_prefixes: bool = False
+
+    def score_choices(self, requests: Sequence[ChoiceRequest]) -> list[list[ScoreResult]]:
+        """Per request, one ScoreResult per continuation (issue 11). This default builds it from
+        `score`: every continuation scored with its own copy of the context. Engines that can
+        reuse the context (KV cache, one forward for single-token choices) override it; results
+        must match this path."""
+        flat = [ScoreRequest(r.context + c, len(r.context)) for r in requests for c in r.continuations]
+        res = self.score(flat)
+        out, k = [], 0
+        for r in requests:
+            out.append(res[k : k + len(r.continuations)])
+            k += len(r.continuations)
+        return out
+
+    def generate_shared(
+        self, prefix: list[int], suffixes: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[Generation]:
+        """Greedy continuation of `prefix + suffix` for each suffix (issue 11: few-shot prompts
+        share their exemplars). This default builds it from `generate`; engines that can run the
+        prefix once override it, with the same results."""
+        return self.generate([prefix + list(s) for s in suffixes], max_new_tokens, stop=stop)
 
     @abstractmethod
     def generate(

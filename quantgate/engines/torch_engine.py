@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantgate.engines.base import (
+    ChoiceRequest,
     Engine,
     EngineInfo,
     EngineLimits,
@@ -283,6 +284,25 @@ class TorchEngine(Engine):
                     res.top_ids, res.top_logprobs = top.indices.tolist(), top.values.tolist()
                 results[i] = res
         return results  # type: ignore[return-value]
+
+    # issue 11: multiple-choice contexts run once (quantgate/engines/torch_prefix.py)
+    @property
+    def shares_prefixes(self) -> bool:  # type: ignore[override]
+        from quantgate.engines.torch_prefix import supports_shared_prefix
+
+        return supports_shared_prefix(self.model)
+
+    def score_choices(self, requests: Sequence[ChoiceRequest]) -> list[list[ScoreResult]]:
+        from quantgate.engines.torch_prefix import score_choices_shared
+
+        return score_choices_shared(self, requests) if self.shares_prefixes else super().score_choices(requests)
+
+    def generate_shared(self, prefix: list[int], suffixes: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+        from quantgate.engines.torch_prefix import generate_shared
+
+        if not self.shares_prefixes:
+            return super().generate_shared(prefix, suffixes, max_new_tokens, stop)
+        return generate_shared(self, prefix, suffixes, max_new_tokens, stop)
 
     def _hidden_and_head(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """Decoder hidden states and the output head, so the (large) vocab projection is applied

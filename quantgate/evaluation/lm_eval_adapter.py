@@ -33,7 +33,7 @@ from lm_eval.api.model import LM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
-from quantgate.engines.base import Engine, ScoreRequest
+from quantgate.engines.base import ChoiceRequest, Engine, ScoreRequest
 from quantgate.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class QuantgateLM(LM):
         prefix_token_id: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         show_progress: bool = True,
+        share_contexts: bool = True,
     ) -> None:
         super().__init__()
         self.engine = engine
@@ -146,6 +147,9 @@ class QuantgateLM(LM):
             raise StageError("evaluate", f"max_length {self.max_length} + 1 exceeds the engine's limit of {self.engine_max} tokens")
         self.max_gen_toks = max_gen_toks
         self.show_progress = show_progress
+        # Requests with the same context tokens (a multiple-choice item's choices) go to the engine
+        # together through Engine.score_choices; False sends each pair through score() alone.
+        self.share_contexts = share_contexts
         self.stats: dict[str, TaskStats] = defaultdict(TaskStats)
 
     # -- identity --------------------------------------------------------------------------
@@ -180,6 +184,10 @@ class QuantgateLM(LM):
             "max_length": self.max_length,
             "max_gen_toks": self.max_gen_toks,
         }
+
+    def scoring_settings(self) -> dict[str, Any]:
+        """How requests reach the engine (part of the comparability record)."""
+        return {"share_contexts": self.share_contexts, "engine_shares_prefixes": bool(self.engine.shares_prefixes)}
 
     # -- helpers -----------------------------------------------------------------------------
     def _score(self, task: str, reqs: list[ScoreRequest], doc_ids: list[int], desc: str) -> list[tuple[float, bool]]:
@@ -227,17 +235,49 @@ class QuantgateLM(LM):
         for i, req in enumerate(requests):
             by_task[req.task_name or "?"].append(i)
         for task, idx in by_task.items():
-            reqs = []
             for i in idx:
-                ctx, cont = pairs[i]
-                if not cont:
+                if not pairs[i][1]:
                     raise StageError("evaluate", f"task {task}: an empty continuation cannot be scored (doc {requests[i].doc_id})")
-                reqs.append(ScoreRequest(ctx + cont, len(ctx)))
-            res = self._score(task, reqs, [requests[i].doc_id or 0 for i in idx], f"loglikelihood {task}")
+            if self.share_contexts:
+                res = self._score_shared(task, [pairs[i] for i in idx], [requests[i].doc_id or 0 for i in idx])
+            else:
+                reqs = [ScoreRequest(pairs[i][0] + pairs[i][1], len(pairs[i][0])) for i in idx]
+                res = self._score(task, reqs, [requests[i].doc_id or 0 for i in idx], f"loglikelihood {task}")
             for i, r in zip(idx, res, strict=True):
                 results[i] = r
             self._log_rate(task)
         return results  # type: ignore[return-value]
+
+    def _score_shared(self, task: str, pairs: list[tuple[list[int], list[int]]], doc_ids: list[int]) -> list[tuple[float, bool]]:
+        """Pairs grouped by identical context tokens (HFLM encodes the context alone, so every
+        choice of an item has the same context ids) -> Engine.score_choices, longest first."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, (ctx, _cont) in enumerate(pairs):
+            groups.setdefault(tuple(ctx), []).append(k)
+        keys = sorted(groups, key=lambda c: -(len(c) + max(len(pairs[k][1]) for k in groups[c])))
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        st = self.stats[task]
+        shares = bool(self.engine.shares_prefixes)
+        bar = tqdm(total=len(pairs), desc=f"loglikelihood {task}", disable=not self.show_progress, leave=False)
+        chunk = self.batch_size  # items per engine call
+        for b in range(0, len(keys), chunk):
+            sel = keys[b : b + chunk]
+            reqs = [ChoiceRequest(list(c), [pairs[k][1] for k in groups[c]]) for c in sel]
+            t0 = time.perf_counter()
+            res = self.engine.score_choices(reqs)
+            st.seconds += time.perf_counter() - t0
+            for c, rr in zip(sel, res, strict=True):
+                ks = groups[c]
+                conts = [len(pairs[k][1]) for k in ks]
+                # tokens through the engine: the context once when the engine shares it
+                st.tokens += len(c) + sum(conts) if shares else sum(len(c) + n for n in conts)
+                for k, r in zip(ks, rr, strict=True):
+                    out[k] = (float(sum(r.logprobs)), bool(all(r.greedy)))
+                    st.item_tokens[doc_ids[k]] += len(pairs[k][1])
+                st.requests += len(ks)
+                bar.update(len(ks))
+        bar.close()
+        return out  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         totals: list[float] = [0.0] * len(requests)
@@ -281,10 +321,20 @@ class QuantgateLM(LM):
             st = self.stats[task]
             bar = tqdm(total=len(idx), desc=f"generate {task}", disable=not self.show_progress, leave=False)
             step = self.engine.limits.max_batch_size
+            # Few-shot prompts share their exemplars: an engine that can runs them once per call.
+            common = _common_prefix(prompts) if self.share_contexts and self.engine.shares_prefixes and len(idx) > 1 else []
+            if len(common) >= MIN_SHARED_PREFIX:
+                step *= 4  # the shared prefix is computed once per call
+            else:
+                common = []
             for b in range(0, len(order), step):
                 sel = order[b : b + step]
                 t0 = time.perf_counter()
-                gens = self.engine.generate([prompts[j] for j in sel], max_new, stop=until)
+                if common:
+                    gens = self.engine.generate_shared(common, [prompts[j][len(common) :] for j in sel], max_new, stop=until)
+                    st.tokens += len(common) - len(common) * len(sel)  # counted once below per prompt
+                else:
+                    gens = self.engine.generate([prompts[j] for j in sel], max_new, stop=until)
                 st.seconds += time.perf_counter() - t0
                 for j, g in zip(sel, gens, strict=True):
                     # HFLM cuts at every stop string in turn: the same as cutting at the earliest.
@@ -305,6 +355,20 @@ class QuantgateLM(LM):
         st = self.stats[task]
         if st.seconds > 0:
             log.info("%s: %d tokens in %.1f s (%.0f tokens/s)", task, st.tokens, st.seconds, st.tokens / st.seconds)
+
+
+MIN_SHARED_PREFIX = 16  # tokens; below this sharing a generation prefix is not worth a call
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    if not seqs:
+        return []
+    first, n = seqs[0], min(len(x) for x in seqs)
+    for k in range(n):
+        t = first[k]
+        if any(x[k] != t for x in seqs):
+            return first[:k]
+    return first[:n]
 
 
 def encode_lengths_for_requests(encoder: TokenEncoder, instances: Sequence[Any]) -> list[tuple[str, str, int]]:

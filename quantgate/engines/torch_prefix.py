@@ -1,0 +1,207 @@
+"""Shared-context scoring for the torch backend (issue 11): `Engine.score_choices` without
+re-running a multiple-choice item's context once per choice.
+
+- pass 1: the contexts of a batch of items, right-padded, through the decoder with a KV cache;
+  the last context position gives every continuation's first-token log-prob. When all
+  continuations are one token (MMLU's " A".." D") that is the whole item: one forward.
+- pass 2 (continuations longer than one token, e.g. HellaSwag endings): each continuation's
+  tokens but the last run on a copy of its item's cache, with explicit positions and the
+  context's padding masked, so each continuation sees exactly its own context.
+
+The numbers equal scoring `context + continuation` in one forward up to float rounding
+(tests/test_standard_tasks.py checks per-item accuracy and log-likelihoods within 1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from quantgate.engines.base import ChoiceRequest, Generation, ScoreResult, trim_at_stop
+from quantgate.errors import StageError
+
+if TYPE_CHECKING:
+    from quantgate.engines.torch_engine import TorchEngine
+
+
+def supports_shared_prefix(model: Any) -> bool:
+    """Plain decoder + output head, no logit post-processing, no sliding-window layers."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(model, "get_decoder", None) is None or model.get_output_embeddings() is None:
+        return False
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return False
+    return not getattr(cfg, "sliding_window", None) or getattr(cfg, "use_sliding_window", True) is False
+
+
+def _lp_rows(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(head(hidden).float(), dim=-1)
+
+
+@torch.inference_mode()
+def score_choices_shared(engine: TorchEngine, requests: Sequence[ChoiceRequest]) -> list[list[ScoreResult]]:
+    model = engine.model
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    dev = engine.device
+    limits = engine.limits
+    out: list[list[ScoreResult | None]] = [[None] * len(r.continuations) for r in requests]
+    for r in requests:
+        if not r.context or any(not c for c in r.continuations):
+            raise ValueError("score_choices needs a non-empty context and non-empty continuations")
+        longest = len(r.context) + max(len(c) for c in r.continuations)
+        if longest > limits.max_seq_len:
+            raise StageError("engine", f"sequence of {longest} tokens exceeds engine.max_seq_len={limits.max_seq_len}")
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].context))
+    bs = limits.max_batch_size
+    for b in range(0, len(order), bs):
+        idx = order[b : b + bs]
+        ctxs = [requests[i].context for i in idx]
+        width = max(len(c) for c in ctxs)
+        ids = torch.full((len(idx), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, c in enumerate(ctxs):
+            ids[row, : len(c)] = torch.tensor(c)
+            mask[row, : len(c)] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        multi = any(len(c) > 1 for i in idx for c in requests[i].continuations)
+        res = decoder(input_ids=ids, attention_mask=mask, use_cache=multi)
+        hidden = res.last_hidden_state
+        last = torch.tensor([len(c) - 1 for c in ctxs], device=dev)
+        lp0 = _lp_rows(head, hidden[torch.arange(len(idx), device=dev), last])  # [B, vocab]
+        rows: list[tuple[int, int]] = []  # (batch row, choice) of continuations longer than 1 token
+        firsts: dict[tuple[int, int], tuple[float, bool]] = {}
+        greedy0 = lp0.argmax(dim=-1)
+        for row, i in enumerate(idx):
+            for j, cont in enumerate(requests[i].continuations):
+                t = cont[0]
+                firsts[(row, j)] = (float(lp0[row, t]), bool(int(greedy0[row]) == t))
+                if len(cont) > 1:
+                    rows.append((row, j))
+        rest: dict[tuple[int, int], tuple[list[float], list[bool]]] = {}
+        if rows:
+            cache = res.past_key_values
+            # Rows of similar length share a forward (choices vary a lot: unsorted rows padded
+            # to the longest wasted ~40 % of the tokens on the default suite).
+            rows.sort(key=lambda rj: -len(requests[idx[rj[0]]].continuations[rj[1]]))
+            step = max(bs * 2, 1)
+            for s in range(0, len(rows), step):
+                chunk = rows[s : s + step]
+                conts = [requests[idx[row]].continuations[j] for row, j in chunk]
+                m = max(len(c) - 1 for c in conts)
+                x = torch.full((len(chunk), m), engine.pad_id, dtype=torch.long)
+                xmask = torch.zeros((len(chunk), m), dtype=torch.long)
+                pos = torch.zeros((len(chunk), m), dtype=torch.long)
+                for k, ((row, _j), c) in enumerate(zip(chunk, conts, strict=True)):
+                    x[k, : len(c) - 1] = torch.tensor(c[:-1])
+                    xmask[k, : len(c) - 1] = 1
+                    pos[k] = len(ctxs[row]) + torch.arange(m)
+                sel = torch.tensor([row for row, _ in chunk], device=dev)
+                sub = copy.deepcopy(cache) if s + step < len(rows) else cache
+                sub.reorder_cache(sel)
+                full_mask = torch.cat([mask.index_select(0, sel), xmask.to(dev)], dim=1)
+                h = decoder(input_ids=x.to(dev), attention_mask=full_mask, position_ids=pos.to(dev),
+                            past_key_values=sub, use_cache=True).last_hidden_state
+                del sub
+                for k, ((row, j), c) in enumerate(zip(chunk, conts, strict=True)):
+                    n = len(c) - 1
+                    lp = _lp_rows(head, h[k, :n])
+                    target = torch.tensor(c[1:], device=lp.device)
+                    rest[(row, j)] = (lp.gather(1, target[:, None]).squeeze(1).tolist(), (lp.argmax(dim=-1) == target).tolist())
+        for row, i in enumerate(idx):
+            for j in range(len(requests[i].continuations)):
+                lp, g = firsts[(row, j)]
+                more_lp, more_g = rest.get((row, j), ([], []))
+                out[i][j] = ScoreResult([lp, *more_lp], [g, *more_g])
+    return out  # type: ignore[return-value]
+
+
+def _finish(engine: TorchEngine, new: list[int], stop: Sequence[str]) -> Generation:
+    """The same trimming as TorchEngine.generate: EOS first, then the earliest stop string."""
+    reason = "length"
+    for j, t in enumerate(new):
+        if t in engine.eos_token_ids:
+            new, reason = new[:j], "eos"
+            break
+    text = engine.tokenizer.decode(new, skip_special_tokens=True)
+    text, stopped = trim_at_stop(text, stop)
+    return Generation(new, text, "stop" if stopped else reason)
+
+
+@torch.inference_mode()
+def generate_shared(
+    engine: TorchEngine, prefix: list[int], suffixes: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()
+) -> list[Generation]:
+    """Greedy generation for prompts `prefix + suffix`: the prefix (e.g. GSM8K-CoT's 8 exemplars)
+    runs ONCE; each batch (longest suffix first) continues from a copy of its KV cache. Suffixes
+    are left-padded after the prefix (padding masked, positions explicit), so every row sees
+    exactly its own prompt; a row stops at EOS or a stop string, the batch when all rows have."""
+    model = engine.model
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    dev, limits = engine.device, engine.limits
+    if not prefix:
+        return engine.generate([list(s) for s in suffixes], max_new_tokens, stop=stop)
+    for s in suffixes:
+        if len(prefix) + len(s) > limits.max_input_len:
+            raise StageError("engine", f"prompt of {len(prefix) + len(s)} tokens exceeds engine.max_input_len={limits.max_input_len}")
+    base = decoder(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
+    prefix_cache, p_len = base.past_key_values, len(prefix)
+    prefix_last = base.last_hidden_state[0, -1]
+    out: list[Generation | None] = [None] * len(suffixes)
+    order = sorted(range(len(suffixes)), key=lambda i: -len(suffixes[i]))
+    eos = set(engine.eos_token_ids)
+    for b in range(0, len(order), limits.max_batch_size):
+        idx = order[b : b + limits.max_batch_size]
+        rows = [list(suffixes[i]) for i in idx]
+        n = len(idx)
+        width = max(len(r) for r in rows)
+        budget = max(min(max_new_tokens, limits.max_seq_len - p_len - width), 1)
+        cache = copy.deepcopy(prefix_cache)
+        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=dev))  # one copy of the prefix per row
+        mask = torch.ones((n, p_len), dtype=torch.long, device=dev)
+        lens = torch.tensor([len(r) for r in rows], device=dev)
+        if width:
+            x = torch.full((n, width), engine.pad_id, dtype=torch.long)
+            xm = torch.zeros((n, width), dtype=torch.long)
+            pos = torch.zeros((n, width), dtype=torch.long)
+            for k, r in enumerate(rows):
+                if r:
+                    x[k, width - len(r) :] = torch.tensor(r)
+                    xm[k, width - len(r) :] = 1
+                    pos[k, width - len(r) :] = p_len + torch.arange(len(r))
+            mask = torch.cat([mask, xm.to(dev)], dim=1)
+            h = decoder(input_ids=x.to(dev), attention_mask=mask, position_ids=pos.to(dev), past_key_values=cache, use_cache=True).last_hidden_state
+            last = h[:, -1]
+            # a row with an empty suffix continues from the prefix's last position
+            empty = lens == 0
+            if bool(empty.any()):
+                last = torch.where(empty[:, None], prefix_last.expand_as(last), last)
+        else:
+            last = prefix_last.expand(n, -1)
+        next_pos = p_len + lens
+        new: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        for step in range(budget):
+            tok = head(last).float().argmax(dim=-1)
+            ids = tok.tolist()
+            for k in range(n):
+                if done[k]:
+                    continue
+                new[k].append(ids[k])
+                if ids[k] in eos:
+                    done[k] = True
+                elif stop and any(s in engine.tokenizer.decode(new[k][-16:], skip_special_tokens=True) for s in stop if s):
+                    # the last tokens' text holds a stop string (the full text is trimmed below)
+                    done[k] = True
+            if all(done) or step == budget - 1:
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=dev)], dim=1)
+            h = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=(next_pos + step)[:, None],
+                        past_key_values=cache, use_cache=True).last_hidden_state
+            last = h[:, -1]
+        for k, i in enumerate(idx):
+            out[i] = _finish(engine, new[k], stop)
+    return out  # type: ignore[return-value]
