@@ -398,12 +398,7 @@ def placeholders(built: list[BuiltStandard]) -> dict[str, str]:
 def mlflow_inputs(provenance: dict[str, Any]) -> dict[str, Any]:
     """What the pipeline should log as an MLflow dataset input for one task: name, digest and source.
 
-    Checked with MLflow 3.17:
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        i = mlflow_inputs(task_result.provenance)
-        mlflow.log_input(MetaDataset(HTTPDatasetSource(f"https://pypi.org/project/{pkg}/{ver}/"), name=i["name"],
-                         digest=i["digest"]), context="evaluation", tags={"source": i["source"]})
+    quantgate/sinks/mlflow.py logs it as a dataset input of the run (MLflow's "Datasets used").
     """
     digest = hashlib.sha256(json.dumps(provenance.get("files", {}), sort_keys=True).encode()).hexdigest()[:16]
     return {

@@ -73,6 +73,28 @@ def description_markdown(run: Run) -> str:
     return "\n".join(lines)
 
 
+def log_dataset_inputs(tracker: Any, results: Any) -> None:
+    """Each standard task's data (package, version, file hashes) as an MLflow dataset input, so the
+    run page says what the gate was judged on."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from quantgate.evaluation.standard_tasks import mlflow_inputs
+
+    inputs = []
+    for task in results.tasks.values():
+        if not task.provenance:
+            continue
+        info = mlflow_inputs(task.provenance)
+        source = CodeDatasetSource({"source": info["source"], "documents": str(info["documents"])})
+        dataset = MetaDataset(source, name=info["name"] or task.task, digest=info["digest"])
+        tags = [InputTag("mlflow.data.context", "evaluation"), InputTag("quantgate.deviations", "; ".join(task.deviations)[:5000] or "none")]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+    if inputs:
+        tracker.client.log_inputs(tracker.run_id, datasets=inputs)
+
+
 class MatrixParent:
     """The parent MLflow run of a matrix, opened only when a child has something to record."""
 
@@ -164,6 +186,7 @@ class MlflowSink(Sink):
         if fidelity is not None:
             t.log_metrics({f"export_fidelity.{k}": float(x) for k, x in fidelity.model_dump().items()})
         t.log_metrics(check_metrics(verdict))
+        log_dataset_inputs(t, cand)
         t.log_metrics({f"time.{k}": s for k, s in run.clock.timings.items()})
         t.log_metrics({f"peak_gpu_bytes.{k}": b for k, b in run.clock.peak_gpu_bytes.items()})
         t.set_tags({
