@@ -1,0 +1,156 @@
+"""Real low-precision kernels vs the reference (fake-quant) path.
+
+CPU tests (everywhere): the INT4 packing, the folding of SmoothQuant scales, and the kernels'
+arithmetic spelled out in plain torch against the reference QuantLinear; the streaming loader.
+CUDA tests (marked gpu): the real kernels against the reference path, per layer and per token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantgate.artifacts import Checkpoint
+from quantgate.engines import kernels as kern
+from quantgate.engines.torch_engine import (
+    QuantLinear,
+    dequantize_weight,
+    fp8_fake_quant,
+    int8_fake_quant,
+    load_exported_model,
+    unpack_int4,
+)
+from tests.kernel_ckpt import activation_amax, quantize_linear, write_quantized
+
+FORMATS = ["fp8", "int8_sq", "int4_awq"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _token_kl(ref_logits: torch.Tensor, got_logits: torch.Tensor) -> torch.Tensor:
+    p, q = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(got_logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1).flatten()
+
+
+def _reference_layer(fmt: str, t: dict[str, torch.Tensor], dtype: torch.dtype) -> QuantLinear:
+    algo = {"fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ"}[fmt]
+    w = dequantize_weight(t["weight"], t["weight_scale"], algo, 128).to(dtype)
+    act = {"fp8": fp8_fake_quant, "int8_sq": int8_fake_quant}.get(fmt)
+    s = t.get("input_scale")
+    pqs = t.get("pre_quant_scale")
+    return QuantLinear(w, None, pqs.to(dtype) if pqs is not None else None, act if s is not None else None,
+                       s.float().to(dtype) if s is not None else None)
+
+
+# ---- CPU: logic that runs everywhere ------------------------------------------------------------------
+
+
+def test_pack_int4_is_inverse_of_unpack_and_matches_modelopt():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-8, 8, (10, 256), generator=g, dtype=torch.int8)
+    packed = kern.pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 256)
+    assert torch.equal(unpack_int4(packed), q)
+    modelopt_utils = pytest.importorskip("modelopt.torch.export.quant_utils")
+    assert torch.equal(modelopt_utils.pack_int4_in_uint8(q.float(), torch.ones(10, 2), 128), packed)
+    with pytest.raises(ValueError, match="even"):
+        kern.pack_int4(q[:3])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_arithmetic_matches_reference_layer(fmt):
+    """The scale folding the kernels do (pre_quant_scale into the activation multiplier, scales
+    applied after the integer/FP8 product) computes the reference layer's function."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(256, 384, generator=g) * 0.05
+    x = torch.randn(64, 384, generator=g) * torch.linspace(0.2, 3.0, 384)
+    t = quantize_linear(fmt, "model.layers.0.mlp.down_proj", w, x.abs().amax(0), torch.float32)
+    ref = _reference_layer(fmt, t, torch.float32)(x)
+    if fmt == "fp8":
+        got = kern.fp8_reference_math(x, t["weight"], t["weight_scale"], t["input_scale"])
+    elif fmt == "int8_sq":
+        mult_in, mult_out = kern.int8_fold_scales(t["pre_quant_scale"], t["input_scale"], t["weight_scale"], 384)
+        got = kern.int8_reference_math(x, t["weight"], mult_in, mult_out)
+    else:
+        got = kern.int4_reference_math(x * t["pre_quant_scale"], t["weight"], t["weight_scale"])
+    # Folding changes where activations round to the grid only at exact ties (fp32 vs fp32).
+    assert _rel(got, ref) < 1e-4, fmt
+    assert _rel(got, x @ w.t()) < 0.2  # and it is a quantization of the real layer
+
+
+def test_kernel_support_falls_back_off_gpu():
+    ok, why = kern.kernel_support("FP8", "cpu")
+    assert not ok and "CUDA" in why
+    ok, why = kern.kernel_support("W4A8_AWQ", "cuda")
+    assert not ok and "W4A8_AWQ" in why
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_streaming_loader_reads_synthetic_checkpoint_on_cpu(tiny_model_dir, tmp_path, fmt):
+    """The meta-device + per-tensor loader builds the reference model; kernels=auto on CPU is the
+    reference path (the CPU path is unchanged)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok("The for statement iterates over the items of any sequence. " * 4, return_tensors="pt").input_ids
+    ckpt = write_quantized(model, tiny_model_dir, tmp_path / fmt, fmt, activation_amax(model, ids))
+    got, stats = load_exported_model(ckpt, "cpu", torch.float32, kernels="auto")
+    assert stats["kernels"] == "reference" and stats["quantized_layers"] == 14
+    assert not any(p.is_meta for p in got.parameters())
+    with torch.no_grad():
+        kl = _token_kl(model(ids).logits, got(ids).logits)
+    assert float(kl.mean()) < 0.05, fmt  # quantized, not broken
+    assert stats["checkpoint_tensor_bytes"] > 0
+
+
+# ---- CUDA: the real kernels -----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_layer_matches_reference_layer_on_cuda(fmt):
+    torch.manual_seed(3)
+    dtype = torch.bfloat16
+    for out_f, in_f in ((512, 384), (1024, 256)):
+        w = (torch.randn(out_f, in_f, device="cuda") * 0.05).to(dtype)
+        for m in (1, 7, 33, 300):
+            x = (torch.randn(m, in_f, device="cuda") * torch.linspace(0.2, 3.0, in_f, device="cuda")).to(dtype)
+            t = quantize_linear(fmt, "x.down_proj", w, x.float().abs().amax(0), dtype)
+            ref = _reference_layer(fmt, t, dtype)(x)
+            layer = kern.make_kernel_linear({"fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ"}[fmt],
+                                            t["weight"], t["weight_scale"], t.get("input_scale"), t.get("pre_quant_scale"), None, dtype)
+            got = layer(x)
+            assert got.shape == ref.shape and torch.isfinite(got).all()
+            assert _rel(got, ref) < 2e-2, (fmt, out_f, in_f, m, _rel(got, ref))
+            assert layer.weight.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8)  # stays quantized
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernels_match_reference_path_per_token_kl(tiny_model_dir, tmp_path, fmt):
+    """Same checkpoint, both paths on CUDA: per-token KL(reference || kernels) <= 1e-3."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantgate.engines.torch_engine import TorchEngine
+    from quantgate.recipe import EngineSpec
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "The for statement iterates over the items of any sequence, in the order that they appear. " * 3
+    ids = tok([text, "A class definition defines a class object. " * 6], return_tensors="pt", padding=True).input_ids
+    ckpt_dir = write_quantized(model, tiny_model_dir, tmp_path / fmt, fmt, activation_amax(model, ids))
+    ckpt = Checkpoint(path=str(ckpt_dir), format=fmt, quant_algo=None, dtype="bfloat16", size_bytes=0)
+    logits = {}
+    for mode in ("reference", "auto"):
+        engine = TorchEngine.load(ckpt, EngineSpec(device="cuda", kernels=mode, max_seq_len=512, max_input_len=256))
+        assert engine.settings["kernels"] == ("real" if mode == "auto" else "reference")
+        with torch.inference_mode():
+            logits[mode] = engine.model(input_ids=ids.cuda()).logits.float().cpu()
+        assert engine.one_time_costs()["warmup_s"] >= 0
+        engine.close()
+    kl = _token_kl(logits["reference"], logits["auto"])
+    print(f"{fmt}: per-token KL(reference || kernels) mean {kl.mean():.2e} max {kl.max():.2e}")
+    assert float(kl.max()) <= 1e-3
