@@ -71,12 +71,10 @@ def test_kernel_arithmetic_matches_reference_layer(fmt):
     if fmt == "fp8":
         got = kern.fp8_reference_math(x, t["weight"], t["weight_scale"], t["input_scale"])
     elif fmt == "int8_sq":
-        mult_in, mult_out = kern.int8_fold_scales(t["pre_quant_scale"], t["input_scale"], t["weight_scale"], 384)
-        got = kern.int8_reference_math(x, t["weight"], mult_in, mult_out)
+        got = kern.int8_reference_math(x, t["weight"], t["pre_quant_scale"], t["input_scale"], t["weight_scale"])
     else:
         got = kern.int4_reference_math(x * t["pre_quant_scale"], t["weight"], t["weight_scale"])
-    # Folding changes where activations round to the grid only at exact ties (fp32 vs fp32).
-    assert _rel(got, ref) < 1e-4, fmt
+    assert _rel(got, ref) < 1e-5, fmt
     assert _rel(got, x @ w.t()) < 0.2  # and it is a quantization of the real layer
 
 
@@ -116,7 +114,7 @@ def test_kernel_layer_matches_reference_layer_on_cuda(fmt):
     dtype = torch.bfloat16
     for out_f, in_f in ((512, 384), (1024, 256)):
         w = (torch.randn(out_f, in_f, device="cuda") * 0.05).to(dtype)
-        for m in (1, 7, 33, 300):
+        for m in (1, 7, 33, 300):  # 300 > INT4_FUSED_MAX_TOKENS: the dequantize + cuBLAS path
             x = (torch.randn(m, in_f, device="cuda") * torch.linspace(0.2, 3.0, in_f, device="cuda")).to(dtype)
             t = quantize_linear(fmt, "x.down_proj", w, x.float().abs().amax(0), dtype)
             ref = _reference_layer(fmt, t, dtype)(x)
@@ -124,7 +122,8 @@ def test_kernel_layer_matches_reference_layer_on_cuda(fmt):
                                             t["weight"], t["weight_scale"], t.get("input_scale"), t.get("pre_quant_scale"), None, dtype)
             got = layer(x)
             assert got.shape == ref.shape and torch.isfinite(got).all()
-            assert _rel(got, ref) < 2e-2, (fmt, out_f, in_f, m, _rel(got, ref))
+            # Same activation codes; left: weight rounding to 16 bits in the reference, summation order.
+            assert _rel(got, ref) < 5e-3, (fmt, out_f, in_f, m, _rel(got, ref))
             assert layer.weight.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8)  # stays quantized
 
 

@@ -8,8 +8,12 @@
   and the static activation scale are folded into one per-input-channel multiplier; the quantize,
   `torch._int_mm` (int32 accumulation) and the dequantizing epilogue are one compiled graph.
 - INT4 AWQ (W4A16_AWQ): the packed uint8 weight of the checkpoint (two output rows per byte, see
-  `unpack_int4`) and its per-block scales stay as they are; a Triton GEMM unpacks and scales each
-  weight tile in registers, so no 16-bit copy of the weight ever exists.
+  `unpack_int4`) and its per-block scales stay as they are. Up to INT4_FUSED_MAX_TOKENS tokens a
+  Triton GEMM unpacks and scales each weight tile in registers; above, the layer is dequantized
+  into a transient 16-bit buffer (one layer at a time, freed after the call) for cuBLAS.
+
+Activations are quantized with the same roundings as the reference path (x / s rounded to the
+compute dtype first), so the two paths differ only in accumulation order and weight rounding.
 
 Everything here is CUDA-only and imported lazily; the CPU path keeps the reference (fake-quant)
 `QuantLinear` of torch_engine.py. The `*_reference_math` helpers spell out the same arithmetic in
@@ -27,6 +31,9 @@ from torch import nn
 FP8_MAX = 448.0
 # Kernel paths by exported quant_algo; anything else (W4A8_AWQ, unquantized) keeps the reference.
 KERNEL_ALGOS = {"FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ"}
+# INT4: up to this many tokens per GEMM the fused Triton kernel (memory-bound regime, generation);
+# above it a per-call dequantized copy of the layer and cuBLAS (compute-bound regime, scoring).
+INT4_FUSED_MAX_TOKENS = 256
 
 
 def kernel_support(algo: str | None, device: str) -> tuple[bool, str]:
@@ -61,21 +68,22 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def fp8_reference_math(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:
     """What the FP8 kernel computes, in fp32: quantize x with the static scale, then
     (x_q @ w_q^T) * in_scale * w_scale."""
-    xq = (x.float() / in_scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    xq = _fp8_quant(x, in_scale.to(x.dtype)).float()
     return (xq @ w8.float().t()) * (in_scale.float() * w_scale.float())
 
 
-def int8_fold_scales(pre_quant_scale: torch.Tensor | None, in_scale: torch.Tensor, w_scale: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input multiplier [in], output multiplier [out]) in fp32: x_q = round(x * mult_in),
-    y = (x_q @ w_q^T) * mult_out. pre_quant_scale and 1/input_scale fold into mult_in."""
-    s_in = in_scale.float().reshape(())
-    pqs = pre_quant_scale.float().reshape(-1) if pre_quant_scale is not None else torch.ones(in_features, device=in_scale.device)
-    return (pqs / s_in).contiguous(), (s_in * w_scale.float().reshape(-1)).contiguous()
+def int8_quant(x: torch.Tensor, pre_quant_scale: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes of x with the reference's roundings: x * pre_quant_scale and x / input_scale
+    are each rounded to the compute dtype (16-bit eager arithmetic) before round-to-nearest-even."""
+    t = (x.float() * pre_quant_scale.float()).to(x.dtype).float()
+    t = (t / in_scale.float()).to(x.dtype).float()
+    return t.round().clamp(-128, 127).to(torch.int8)
 
 
-def int8_reference_math(x: torch.Tensor, w8: torch.Tensor, mult_in: torch.Tensor, mult_out: torch.Tensor) -> torch.Tensor:
-    xq = (x.float() * mult_in).round().clamp(-128, 127)
-    return (xq @ w8.float().t()) * mult_out
+def int8_reference_math(x: torch.Tensor, w8: torch.Tensor, pre_quant_scale: torch.Tensor, in_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """What the INT8 kernel computes, in fp32: (x_q @ w_q^T) * input_scale * weight_scale[out]."""
+    xq = int8_quant(x, pre_quant_scale, in_scale).float()
+    return (xq @ w8.float().t()) * (in_scale.float() * w_scale.float().reshape(-1))
 
 
 def int4_reference_math(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -90,12 +98,24 @@ def int4_reference_math(x: torch.Tensor, packed: torch.Tensor, scales: torch.Ten
 
 
 def _fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    # x / s rounded to the compute dtype before the FP8 cast, as the reference (eager 16-bit
+    # arithmetic) does: without it ~1/30 of activations round to the other FP8 neighbour.
+    t = (x.float() / scale.float()).to(x.dtype).float()
+    return t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _int4_dequant(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    b = packed.to(torch.int16)
+    lo = b & 15
+    hi = (b >> 4) & 15
+    q = torch.stack([lo - ((lo & 8) << 1), hi - ((hi & 8) << 1)], dim=1).reshape(-1, packed.shape[1])
+    block = packed.shape[1] // scales.shape[1]
+    return (q.float() * scales.float().repeat_interleave(block, dim=1)).to(dtype)
 
 
 @functools.cache
 def _compiled(name: str) -> Any:
-    fn = {"fp8_quant": _fp8_quant, "int8_linear": _int8_linear}[name]
+    fn = {"fp8_quant": _fp8_quant, "int8_linear": _int8_linear, "int4_dequant": _int4_dequant}[name]
     # dynamic=True: one graph for every token count (lm-eval batches vary in length).
     return torch.compile(fn, dynamic=True)
 
@@ -131,9 +151,8 @@ class Fp8Linear(nn.Module):
 # ---- INT8 SmoothQuant ---------------------------------------------------------------------------
 
 
-def _int8_linear(x: torch.Tensor, w_t: torch.Tensor, mult_in: torch.Tensor, mult_out: torch.Tensor) -> torch.Tensor:
-    xq = (x.float() * mult_in).round().clamp(-128, 127).to(torch.int8)
-    acc = torch._int_mm(xq, w_t)
+def _int8_linear(x: torch.Tensor, w_t: torch.Tensor, pqs: torch.Tensor, in_scale: torch.Tensor, mult_out: torch.Tensor) -> torch.Tensor:
+    acc = torch._int_mm(int8_quant(x, pqs, in_scale), w_t)
     return (acc.float() * mult_out).to(x.dtype)
 
 
@@ -143,10 +162,13 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor, pre_quant_scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        mult_in, mult_out = int8_fold_scales(pre_quant_scale, input_scale, weight_scale, self.in_features)
+        dtype = pre_quant_scale.dtype if pre_quant_scale is not None else torch.bfloat16
+        s_in = input_scale.float().to(dtype).reshape(())  # the reference's scale, in the compute dtype
+        pqs = pre_quant_scale if pre_quant_scale is not None else torch.ones(self.in_features, dtype=dtype, device=weight.device)
         self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("mult_in", mult_in)
-        self.register_buffer("mult_out", mult_out)
+        self.register_buffer("pre_quant_scale", pqs)
+        self.register_buffer("input_scale", s_in)
+        self.register_buffer("mult_out", (s_in.float() * weight_scale.float().reshape(-1)).contiguous())
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +179,7 @@ class Int8Linear(nn.Module):
         pad = max(32 - m, (-m) % 8)
         if pad:
             x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-        y = _compiled("int8_linear")(x2, self.weight.t(), self.mult_in, self.mult_out)
+        y = _compiled("int8_linear")(x2, self.weight.t(), self.pre_quant_scale, self.input_scale, self.mult_out)
         if pad:
             y = y[:m]
         if self.bias is not None:
@@ -267,7 +289,14 @@ class Int4Linear(nn.Module):
         shape = x.shape
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
-        y = w4a16_matmul(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.weight_scale)
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > INT4_FUSED_MAX_TOKENS:
+            # Many tokens: the GEMM is compute-bound, so one transient 16-bit copy of this layer's
+            # weight (freed right after; at most one layer's worth) and cuBLAS beat the fused kernel.
+            w = _compiled("int4_dequant")(self.weight, self.weight_scale, x2.dtype)
+            y = torch.nn.functional.linear(x2, w)
+        else:
+            y = w4a16_matmul(x2.contiguous(), self.weight, self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
