@@ -71,6 +71,12 @@ class CalibrationSpec(_Strict):
 class EngineSpec(_Strict):
     backend: str = Field("torch", description="Engine backend: torch | tensorrt-llm.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the torch backend.")
+    kernels: Literal["auto", "reference"] = Field(
+        "auto",
+        description="Torch backend: 'auto' keeps FP8 / INT8-SQ / INT4-AWQ weights quantized on a CUDA GPU "
+        "and runs real low-precision GEMMs (reference elsewhere); 'reference' dequantizes the weights "
+        "and fake-quantizes activations (exact, slower, 16-bit weights in memory; always on CPU).",
+    )
     max_batch_size: int = Field(8, gt=0, description="Maximum sequences per engine call.")
     max_input_len: int = Field(2048, gt=0, description="Longest prompt the engine accepts (tokens).")
     max_seq_len: int = Field(2304, gt=0, description="Prompt plus generated tokens (tokens).")

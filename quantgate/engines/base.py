@@ -118,6 +118,14 @@ class Engine(ABC):
         eos = self.tokenizer.eos_token_id
         return [eos] if eos is not None else []
 
+    def one_time_costs(self) -> dict[str, float]:
+        """Seconds spent once per engine (load, conversion, warm-up), kept out of throughput."""
+        return {}
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes the engine holds (resident GPU memory, load peak, checkpoint tensors), if known."""
+        return {}
+
     def close(self) -> None:  # free GPU memory etc.
         return None
 

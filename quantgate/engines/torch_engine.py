@@ -116,11 +116,49 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def load_exported_model(ckpt_dir: Path, device: str, compute_dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put one checkpoint tensor in place of the (meta) parameter or buffer it names."""
+    prefix, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        raise StageError("engine", f"checkpoint tensor {key} has no module in the architecture") from None
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = tensor
+    else:
+        raise StageError("engine", f"checkpoint tensor {key} does not match the architecture")
+
+
+def _empty_model(config: Any, device: str, compute_dtype: torch.dtype) -> nn.Module:
+    """The architecture with its parameters on the meta device (no memory, no random init) and its
+    computed buffers (rotary inv_freq) on `device`; the checkpoint's tensors are assigned after."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # the old way: random init on the device, then overwritten
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    with torch.device(device), init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+
+
+def load_exported_model(
+    ckpt_dir: Path, device: str, compute_dtype: torch.dtype, kernels: str = "reference"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Build the HF architecture from config.json and load the exported tensors with their
-    quantized numerics. Returns (model, stats)."""
+    quantized numerics. Returns (model, stats).
+
+    Tensors stream one at a time from the safetensors files to `device` (peak = the model plus one
+    tensor). kernels='reference' dequantizes quantized weights to the compute dtype and
+    fake-quantizes activations (exact, any device); 'auto' keeps FP8 / INT8 / INT4 weights
+    quantized on a CUDA GPU and runs real low-precision GEMMs (kernels.py), else the reference."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from quantgate.engines import kernels as kern
 
     qcfg_path = ckpt_dir / "hf_quant_config.json"
     qcfg = json.loads(qcfg_path.read_text())["quantization"] if qcfg_path.is_file() else {}
@@ -130,19 +168,30 @@ def load_exported_model(ckpt_dir: Path, device: str, compute_dtype: torch.dtype)
     if qcfg.get("kv_cache_quant_algo"):
         raise StageError("engine", f"the torch backend does not reproduce a quantized KV cache ({qcfg['kv_cache_quant_algo']}); use engine.backend=tensorrt-llm or quantization.kv_cache=none")
     group_size = qcfg.get("group_size")
+    use_kernels, why = (False, "engine.kernels=reference") if kernels == "reference" else kern.kernel_support(algo, device)
+    if kernels not in ("reference", "auto"):
+        raise StageError("engine", f"engine.kernels must be auto or reference, not {kernels!r}")
 
     config = AutoConfig.from_pretrained(ckpt_dir)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # else transformers tries (and fails) to apply it
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    model = _empty_model(config, device, compute_dtype)
     model.eval()
 
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(ckpt_dir.glob("*.safetensors")):
-        with safe_open(shard, framework="pt", device="cpu") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                tensors[key] = fh.get_tensor(key)
+    handles = [safe_open(shard, framework="pt", device="cpu") for shard in sorted(ckpt_dir.glob("*.safetensors"))]
+    where: dict[str, Any] = {k: fh for fh in handles for k in fh.keys()}  # noqa: SIM118 (no __iter__)
+    file_bytes = 0
+
+    def take(key: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        nonlocal file_bytes
+        fh = where.pop(key, None)
+        if fh is None:
+            return None
+        t = fh.get_tensor(key)
+        file_bytes += t.numel() * t.element_size()
+        if dtype is not None and t.is_floating_point():
+            return t.to(device, dtype)
+        return t.to(device)
 
     act_quant = None
     if algo in ("FP8", "W4A8_AWQ"):
@@ -150,40 +199,60 @@ def load_exported_model(ckpt_dir: Path, device: str, compute_dtype: torch.dtype)
     elif algo == "W8A8_SQ_PER_CHANNEL":
         act_quant = int8_fake_quant
 
-    quantized = [k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")]
+    quantized = [k[: -len(".weight_scale")] for k in where if k.endswith(".weight_scale")]
     for name in quantized:
-        w = dequantize_weight(tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_scale"), algo, group_size)
-        for extra in ("weight_scale_2",):
-            tensors.pop(f"{name}.{extra}", None)
-        pqs = tensors.pop(f"{name}.pre_quant_scale", None)
-        in_scale = tensors.pop(f"{name}.input_scale", None)
-        bias = tensors.pop(f"{name}.bias", None)
-        layer = QuantLinear(
-            w.to(device, compute_dtype),
-            bias.to(device, compute_dtype) if bias is not None else None,
-            pqs.to(device, compute_dtype) if pqs is not None else None,
-            act_quant if in_scale is not None else None,
-            in_scale.to(device, torch.float32).to(compute_dtype) if in_scale is not None else None,
-        )
+        take(f"{name}.weight_scale_2")
+        pqs = take(f"{name}.pre_quant_scale", compute_dtype)
+        in_scale = take(f"{name}.input_scale")
+        bias = take(f"{name}.bias", compute_dtype)
+        weight = take(f"{name}.weight")
+        scale = take(f"{name}.weight_scale")
+        assert weight is not None and scale is not None
+        layer: nn.Module
+        if use_kernels:
+            layer = kern.make_kernel_linear(algo, weight, scale, in_scale, pqs, bias, compute_dtype)
+        else:
+            # Dequantized where the tensor already is (the GPU on CUDA): same fp32 arithmetic as on CPU.
+            w = dequantize_weight(weight, scale, algo, group_size).to(compute_dtype)
+            del weight
+            layer = QuantLinear(
+                w, bias, pqs, act_quant if in_scale is not None else None,
+                in_scale.to(torch.float32).to(compute_dtype) if in_scale is not None else None,
+            )
         _set_module(model, name, layer)
     # Unquantized layers that still carry a pre_quant_scale (AWQ folds most into norms).
-    for key in [k for k in tensors if k.endswith(".pre_quant_scale")]:
+    for key in [k for k in where if k.endswith(".pre_quant_scale")]:
         raise StageError("engine", f"unexpected pre_quant_scale without weight_scale: {key}")
 
-    state = {k: v.to(device, compute_dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    for key in list(where):
+        tensor = take(key, compute_dtype)
+        assert tensor is not None
+        _assign(model, key, tensor)
+    del handles
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [m for m in missing if not (tied and m.startswith("lm_head"))]
-    # QuantLinear params were installed directly; they are "missing" from the file by design.
-    missing = [m for m in missing if m.rsplit(".", 1)[0] not in quantized]
-    if missing or unexpected:
-        raise StageError("engine", f"checkpoint tensors do not match the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
     if tied:
         model.tie_weights()
-    return model, {"quant_algo": algo, "quantized_layers": len(quantized)}
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise StageError("engine", f"checkpoint tensors do not match the architecture: missing {left[:4]}")
+    resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    return model, {
+        "quant_algo": algo, "quantized_layers": len(quantized),
+        "kernels": "real" if use_kernels and quantized else "reference",
+        **({"kernels_fallback": why} if quantized and not use_kernels and kernels != "reference" else {}),
+        "checkpoint_tensor_bytes": file_bytes, "resident_tensor_bytes": resident,
+    }
 
 
 # ---- the engine ---------------------------------------------------------------------------------
+
+
+def _sync_time(device: str) -> float:
+    import time
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def resolve_device(device: str) -> str:
@@ -223,17 +292,53 @@ class TorchEngine(Engine):
             ids.add(tokenizer.eos_token_id)
         self._eos_ids = sorted(ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos_ids[0]
+        self._one_time: dict[str, float] = {}
+        self._memory: dict[str, int] = {}
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, spec: EngineSpec) -> TorchEngine:
+        import time
+
         from transformers import AutoTokenizer
 
         device = resolve_device(spec.device)
         dtype = compute_dtype_for(device, checkpoint.dtype)
-        model, stats = load_exported_model(checkpoint.dir, device, dtype)
+        if device != "cpu":
+            torch.cuda.reset_peak_memory_stats()  # the load's own peak (the stage's is taken at its end)
+        t0 = _sync_time(device)
+        model, stats = load_exported_model(checkpoint.dir, device, dtype, kernels=getattr(spec, "kernels", "auto"))
+        load_s = _sync_time(device) - t0
         tok = AutoTokenizer.from_pretrained(checkpoint.dir)
         limits = EngineLimits(spec.max_batch_size, spec.max_input_len, spec.max_seq_len)
-        return cls(model, tok, limits, device, settings=stats)
+        engine = cls(model, tok, limits, device, settings=stats)
+        engine._one_time["load_s"] = round(load_s, 3)
+        if device != "cpu":
+            engine._memory["resident_gpu_bytes"] = int(torch.cuda.memory_allocated())
+            engine._memory["load_peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+            t1 = time.perf_counter()
+            engine.warmup()
+            engine._one_time["warmup_s"] = round(time.perf_counter() - t1, 3)
+            log.info("torch engine: loaded %s in %.1f s (%s kernels), warm-up %.1f s, resident %.2f GiB",
+                     checkpoint.dir.name, load_s, stats.get("kernels"), engine._one_time["warmup_s"],
+                     engine._memory["resident_gpu_bytes"] / 2**30)
+        return engine
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One forward per token-count class (compiles the fused quantizers, autotunes the INT4
+        kernel, creates cuBLAS handles), so scoring throughput excludes these one-time costs."""
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0) or len(self.tokenizer)
+        g = torch.Generator().manual_seed(0)
+        for batch, length in ((1, 5), (2, 100), (2, min(1024, self.limits.max_seq_len))):
+            ids = torch.randint(0, vocab, (batch, length), generator=g).to(self.device)
+            self._hidden_and_head(ids, torch.ones_like(ids))
+        torch.cuda.synchronize()
+
+    def one_time_costs(self) -> dict[str, float]:
+        return dict(self._one_time)
+
+    def memory_stats(self) -> dict[str, int]:
+        return {**self._memory, **{k: v for k, v in self.settings.items() if k.endswith("_bytes")}}
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Any, limits: EngineLimits | None = None, device: str | None = None) -> TorchEngine:
@@ -246,7 +351,8 @@ class TorchEngine(Engine):
             backend=self.backend,
             device=self.device if self.device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
             compute_dtype=str(self.dtype).replace("torch.", ""),
-            settings={"max_batch_size": self.limits.max_batch_size, "max_input_len": self.limits.max_input_len, "max_seq_len": self.limits.max_seq_len},
+            settings={"max_batch_size": self.limits.max_batch_size, "max_input_len": self.limits.max_input_len, "max_seq_len": self.limits.max_seq_len,
+                      **({"kernels": self.settings["kernels"]} if self.settings.get("quantized_layers") else {})},
         )
 
     # -- scoring --
