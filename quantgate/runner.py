@@ -56,6 +56,8 @@ class RecipeOutcome:
     baseline_cache: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     peak_gpu_bytes: dict[str, int] = field(default_factory=dict)
+    one_time_costs: dict[str, float] = field(default_factory=dict)
+    engine_memory_bytes: dict[str, int] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
     deltas: dict[str, float] = field(default_factory=dict)
     log_file: str = ""
@@ -101,6 +103,14 @@ class StageClock:
         self.prefix = prefix
         self.timings: dict[str, float] = {}
         self.peak_gpu_bytes: dict[str, int] = {}
+        self.one_time_costs: dict[str, float] = {}  # engine load / warm-up per side (seconds)
+        self.memory: dict[str, int] = {}  # engine resident / load-peak / checkpoint bytes per side
+
+    def note(self, side: str, costs: dict[str, float], memory: dict[str, int]) -> None:
+        self.one_time_costs.update({f"{side}.{k}": round(float(v), 3) for k, v in costs.items()})
+        self.memory.update({f"{side}.{k}": int(v) for k, v in memory.items() if isinstance(v, (int, float))})
+        if costs:
+            log.info("[%s] %s engine one-time costs: %s", self.prefix, side, ", ".join(f"{k} {v:.1f} s" for k, v in costs.items()))
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -320,6 +330,7 @@ def _execute(run: Run, sinks: list[Any]) -> RecipeOutcome:
             except Exception as sink_err:  # never mask the first error
                 log.warning("[%s] %s sink could not record the failure: %s", run.recipe.name, sink.name, str(sink_err).splitlines()[0] if str(sink_err) else type(sink_err).__name__)
     outcome.timings, outcome.peak_gpu_bytes = run.clock.timings, run.clock.peak_gpu_bytes
+    outcome.one_time_costs, outcome.engine_memory_bytes = run.clock.one_time_costs, run.clock.memory
     atomic_write_json(run.run_dir / "outcome.json", outcome.to_dict())
     return outcome
 
@@ -333,6 +344,7 @@ def _fill_outcome(run: Run) -> None:
     o.checkpoint_bytes = ckpt.size_bytes
     o.baseline_cache = f"{'hit' if baseline.cache_hit else 'miss'} {baseline.key}"
     o.timings, o.peak_gpu_bytes = run.clock.timings, run.clock.peak_gpu_bytes
+    o.one_time_costs, o.engine_memory_bytes = run.clock.one_time_costs, run.clock.memory
     from quantgate.report import verdict_table
 
     log.info("gate verdict for %s:\n%s", run.recipe.name, verdict_table(verdict))

@@ -189,6 +189,8 @@ class MlflowSink(Sink):
         log_dataset_inputs(t, cand)
         t.log_metrics({f"time.{k}": s for k, s in run.clock.timings.items()})
         t.log_metrics({f"peak_gpu_bytes.{k}": b for k, b in run.clock.peak_gpu_bytes.items()})
+        t.log_metrics({f"one_time.{k}": s for k, s in run.clock.one_time_costs.items()})
+        t.log_metrics({f"engine_memory_bytes.{k}": b for k, b in run.clock.memory.items()})
         t.set_tags({
             "quantgate.verdict": verdict.decision.value, "quantgate.verdict_reason": verdict.reason[:5000],
             "quantgate.candidate_is_baseline": str(not formats_quantized(run.recipe)).lower(),

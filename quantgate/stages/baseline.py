@@ -56,12 +56,17 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_checkpoint(ckpt: Checkpoint, recipe: Any, side: str, golden_reference: Any = None) -> EvalResults:
+def evaluate_checkpoint(ckpt: Checkpoint, recipe: Any, side: str, golden_reference: Any = None, clock: Any = None) -> EvalResults:
+    """Load the checkpoint in the recipe's engine and evaluate it. The engine's one-time costs
+    (load, warm-up) and memory (resident, load peak, checkpoint tensors) are noted on the clock
+    per side, apart from the evaluation's own time."""
     from quantgate.engines import load_engine
     from quantgate.evaluation.run import evaluate_side
 
     try:
         with load_engine(ckpt, recipe.engine) as engine:
+            if clock is not None:
+                clock.note(side, engine.one_time_costs(), engine.memory_stats())
             return evaluate_side(engine, recipe.evaluation, side=side, golden_reference=golden_reference)
     finally:
         release_memory()
@@ -175,7 +180,7 @@ class EvaluateBaseline(Stage):
         else:
             log.info("baseline: cache miss %s; evaluating the %s baseline", key, recipe.model.dtype)
             with ctx.clock.stage("baseline_evaluate"):
-                results = evaluate_checkpoint(ckpt, recipe, "baseline")
+                results = evaluate_checkpoint(ckpt, recipe, "baseline", clock=ctx.clock)
             if not results.errors:  # never cache a failed evaluation
                 cache.store_entry(key, results.model_dump_json(), parts)
             base = Baseline(ckpt, results, key, False)

@@ -28,7 +28,7 @@ class EvaluateCandidate(Stage):
                 "backend": backend_identity(recipe)}
 
     def run(self, ctx: RunContext, *, checkpoint: Checkpoint, baseline: Baseline) -> EvalResults:
-        return evaluate_checkpoint(checkpoint, ctx.recipe, "candidate", golden_reference=baseline.results.golden)
+        return evaluate_checkpoint(checkpoint, ctx.recipe, "candidate", golden_reference=baseline.results.golden, clock=ctx.clock)
 
     def save(self, ctx: RunContext, value: EvalResults) -> dict[str, Any]:
         value.save(ctx.run_dir / "candidate_results.json")
