@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from quantgate.artifacts import CalibrationInfo
 from quantgate.data import CalibrationBatches, calibration_batches
 from quantgate.errors import StageError
+from quantgate.evaluation.results import NonFiniteError, summarize_locations
 
 if TYPE_CHECKING:
     from quantgate.formats import FormatSpec
@@ -37,6 +38,36 @@ def decoder_of(model: Any) -> Any:
     get = getattr(model, "get_decoder", None)
     decoder = get() if callable(get) else None
     return decoder if decoder is not None and decoder is not model else model
+
+
+def nonfinite_calibration_ranges(model: Any) -> list[str]:
+    """'<quantizer>.amax = nan' for every enabled ModelOpt quantizer whose calibrated range (amax)
+    or pre-quantization scale (AWQ/SmoothQuant) holds NaN/inf: such a quantizer turns its
+    layer's outputs into NaN/inf, whatever the evaluation later reports."""
+    import torch
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    bad = []
+    for name, module in model.named_modules():
+        if not isinstance(module, TensorQuantizer) or not module.is_enabled:
+            continue
+        for attr in ("amax", "pre_quant_scale"):
+            value = getattr(module, attr, None)
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                first = value.detach().flatten()[~torch.isfinite(value.detach().flatten())][0].item()
+                bad.append(f"{name}.{attr} = {first}")
+    return bad
+
+
+def check_calibration_ranges(model: Any) -> None:
+    """NonFiniteError (exit 3, one line naming the quantizers) if any calibrated range is not finite."""
+    bad = nonfinite_calibration_ranges(model)
+    if bad:
+        raise NonFiniteError(
+            "calibrate",
+            f"{len(bad)} quantizer(s) got non-finite calibration ranges: {summarize_locations(bad)}: "
+            "the model or the calibration data produces NaN/inf (check the weights and calibration.dataset)",
+        )
 
 
 def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, device: str, data: CalibrationBatches | None = None) -> CalibrationInfo:
@@ -66,6 +97,7 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
     with torch.no_grad():
         mtq.quantize(model, cfg, forward_loop)
     seconds = time.perf_counter() - t0
+    check_calibration_ranges(model)
     log.info("calibrated %s on %d x %d tokens in %.1f s (%d passes)", fmt.name, recipe.calibration.num_samples, recipe.calibration.seq_len, seconds, passes["n"])
     return CalibrationInfo(
         dataset=recipe.calibration.dataset, num_samples=recipe.calibration.num_samples,

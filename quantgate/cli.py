@@ -103,9 +103,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     recipes = _load_all(args.recipes, args.set or [])
     _apply_env_tracking(recipes)
-    from quantgate.preflight import preflight
+    from quantgate.preflight import check_inputs, preflight
 
-    for recipe, _ in recipes:
+    for recipe, path in recipes:
+        check_inputs(recipe, path)  # wiring (issue 10): unreadable model files / short calibration data -> exit 2, before any model work
         report = preflight(recipe)
         for line in report.lines:
             log.info("[%s] preflight: %s", recipe.name, line)
