@@ -59,6 +59,18 @@ def nonfinite_calibration_ranges(model: Any) -> list[str]:
     return bad
 
 
+def nonfinite_weights(model: Any) -> list[str]:
+    """'<parameter> = nan' for every parameter or buffer holding NaN/inf (one reduction each)."""
+    import torch
+
+    bad = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            flat = t.detach().flatten()
+            bad.append(f"{name} = {flat[~torch.isfinite(flat)][0].item()}")
+    return bad
+
+
 def check_calibration_ranges(model: Any) -> None:
     """NonFiniteError (exit 3, one line naming the quantizers) if any calibrated range is not finite."""
     bad = nonfinite_calibration_ranges(model)
@@ -76,6 +88,10 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
 
     if fmt.uses_awq:
         check_awq_block_size(model, recipe.quantization.awq_block_size or fmt.default_awq_block_size or 128)
+    # A NaN weight gives NaN ranges (ModelOpt asserts mid-calibration without naming the layer).
+    bad = nonfinite_weights(model)
+    if bad:
+        raise NonFiniteError("calibrate", f"{len(bad)} model tensor(s) hold non-finite values: {summarize_locations(bad)}: fix the model's weights")
     if data is None:
         data = calibration_batches(recipe.calibration, tokenizer)
     cfg = fmt.build_modelopt_config(recipe.quantization)
@@ -94,8 +110,16 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
             body(input_ids=batch.to(device))
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        mtq.quantize(model, cfg, forward_loop)
+    try:
+        with torch.no_grad():
+            mtq.quantize(model, cfg, forward_loop)
+    except AssertionError as err:  # ModelOpt's max calibrator: "detected nan values in amax"
+        if "nan" not in str(err).lower():
+            raise
+        raise NonFiniteError(
+            "calibrate", f"a quantizer saw NaN activations during calibration (ModelOpt: {str(err).splitlines()[0]}): "
+            "the calibration data or the compute dtype overflows; try calibration on other text or model.dtype=bfloat16",
+        ) from None
     seconds = time.perf_counter() - t0
     check_calibration_ranges(model)
     log.info("calibrated %s on %d x %d tokens in %.1f s (%d passes)", fmt.name, recipe.calibration.num_samples, recipe.calibration.seq_len, seconds, passes["n"])
