@@ -4,7 +4,8 @@ The baseline's evaluation results are stored under a key that covers everything 
 them: model content, tokenizer and chat template, suite data and task YAMLs, library versions,
 engine backend and settings, dtype, device type, generation settings, limits and seeds. The key's
 parts double as the gate's comparability facts. Entries carry a checksum; a corrupt entry is
-rejected and recomputed.
+rejected and recomputed. Only valid, finite results are stored, and an entry that does not
+validate as finite results (e.g. one written by an older version from a NaN model) is a miss.
 """
 
 from __future__ import annotations
@@ -35,8 +36,26 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _invalid(text: str) -> str | None:
+    """Why `text` is not cacheable baseline results (not valid, or not finite), or None."""
+    from pydantic import ValidationError
+
+    from quantgate.evaluation.results import EvalResults, nonfinite_in_results, summarize_locations
+
+    try:
+        results = EvalResults.model_validate_json(text)
+    except (ValueError, ValidationError) as err:
+        return f"not valid results ({str(err).splitlines()[0]})"
+    bad = nonfinite_in_results(results)
+    if bad:
+        task, where = next(iter(bad.items()))
+        return f"non-finite values in {', '.join(bad)} (first: {task}: {summarize_locations(where, 1)})"
+    return None
+
+
 def load_entry(key: str) -> str | None:
-    """The cached results JSON for `key`, or None (missing or corrupt: corrupt ones are removed)."""
+    """The cached results JSON for `key`, or None (missing, corrupt or invalid: those are removed,
+    with one log line, and recomputed)."""
     entry = baseline_root() / key
     results, meta = entry / "results.json", entry / "entry.json"
     if not (results.is_file() and meta.is_file()):
@@ -50,10 +69,22 @@ def load_entry(key: str) -> str | None:
         log.warning("baseline cache entry %s is corrupt; recomputing", key)
         shutil.rmtree(entry, ignore_errors=True)
         return None
+    why = _invalid(text)
+    if why is not None:
+        log.warning("baseline cache entry %s is unusable (%s); treating it as a miss", key, why)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
     return text
 
 
 def store_entry(key: str, results_json: str, parts: dict[str, Any]) -> None:
+    """Store baseline results; refuses (NonFiniteError, exit 3) anything that is not valid,
+    finite results, so a NaN baseline is never reused by a later run."""
+    from quantgate.evaluation.results import NonFiniteError
+
+    why = _invalid(results_json)
+    if why is not None:
+        raise NonFiniteError("baseline", f"{why}: refusing to cache or gate it; the model produces NaN/inf (check its weights and dtype)")
     entry = baseline_root() / key
     atomic_write_text(entry / "results.json", results_json)
     atomic_write_json(entry / "entry.json", {"sha256": _sha(results_json), "key_parts": parts})

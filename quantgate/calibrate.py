@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from quantgate.artifacts import CalibrationInfo
 from quantgate.data import CalibrationBatches, calibration_batches
 from quantgate.errors import StageError
+from quantgate.evaluation.results import NonFiniteError, summarize_locations
 
 if TYPE_CHECKING:
     from quantgate.formats import FormatSpec
@@ -39,12 +40,58 @@ def decoder_of(model: Any) -> Any:
     return decoder if decoder is not None and decoder is not model else model
 
 
+def nonfinite_calibration_ranges(model: Any) -> list[str]:
+    """'<quantizer>.amax = nan' for every enabled ModelOpt quantizer whose calibrated range (amax)
+    or pre-quantization scale (AWQ/SmoothQuant) holds NaN/inf: such a quantizer turns its
+    layer's outputs into NaN/inf, whatever the evaluation later reports."""
+    import torch
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    bad = []
+    for name, module in model.named_modules():
+        if not isinstance(module, TensorQuantizer) or not module.is_enabled:
+            continue
+        for attr in ("amax", "pre_quant_scale"):
+            value = getattr(module, attr, None)
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                first = value.detach().flatten()[~torch.isfinite(value.detach().flatten())][0].item()
+                bad.append(f"{name}.{attr} = {first}")
+    return bad
+
+
+def nonfinite_weights(model: Any) -> list[str]:
+    """'<parameter> = nan' for every parameter or buffer holding NaN/inf (one reduction each)."""
+    import torch
+
+    bad = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            flat = t.detach().flatten()
+            bad.append(f"{name} = {flat[~torch.isfinite(flat)][0].item()}")
+    return bad
+
+
+def check_calibration_ranges(model: Any) -> None:
+    """NonFiniteError (exit 3, one line naming the quantizers) if any calibrated range is not finite."""
+    bad = nonfinite_calibration_ranges(model)
+    if bad:
+        raise NonFiniteError(
+            "calibrate",
+            f"{len(bad)} quantizer(s) got non-finite calibration ranges: {summarize_locations(bad)}: "
+            "the model or the calibration data produces NaN/inf (check the weights and calibration.dataset)",
+        )
+
+
 def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, device: str, data: CalibrationBatches | None = None) -> CalibrationInfo:
     """Quantize `model` in place. `data`: pre-tokenized batches (default: built from the recipe)."""
     import torch
 
     if fmt.uses_awq:
         check_awq_block_size(model, recipe.quantization.awq_block_size or fmt.default_awq_block_size or 128)
+    # A NaN weight gives NaN ranges (ModelOpt asserts mid-calibration without naming the layer).
+    bad = nonfinite_weights(model)
+    if bad:
+        raise NonFiniteError("calibrate", f"{len(bad)} model tensor(s) hold non-finite values: {summarize_locations(bad)}: fix the model's weights")
     if data is None:
         data = calibration_batches(recipe.calibration, tokenizer)
     cfg = fmt.build_modelopt_config(recipe.quantization)
@@ -63,9 +110,18 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
             body(input_ids=batch.to(device))
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        mtq.quantize(model, cfg, forward_loop)
+    try:
+        with torch.no_grad():
+            mtq.quantize(model, cfg, forward_loop)
+    except AssertionError as err:  # ModelOpt's max calibrator: "detected nan values in amax"
+        if "nan" not in str(err).lower():
+            raise
+        raise NonFiniteError(
+            "calibrate", f"a quantizer saw NaN activations during calibration (ModelOpt: {str(err).splitlines()[0]}): "
+            "the calibration data or the compute dtype overflows; try calibration on other text or model.dtype=bfloat16",
+        ) from None
     seconds = time.perf_counter() - t0
+    check_calibration_ranges(model)
     log.info("calibrated %s on %d x %d tokens in %.1f s (%d passes)", fmt.name, recipe.calibration.num_samples, recipe.calibration.seq_len, seconds, passes["n"])
     return CalibrationInfo(
         dataset=recipe.calibration.dataset, num_samples=recipe.calibration.num_samples,

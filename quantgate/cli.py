@@ -89,16 +89,16 @@ def _stdout_to_stderr(enabled: bool) -> Iterator[Any]:
 def _apply_env_tracking(recipes: list[tuple[Any, str]]) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        from quantgate.tracking import redact_uri  # wiring (issue 10)
+        from quantgate.tracking import redact_uri
 
         for recipe, _ in recipes:
-            # wiring (issue 10): the recipe (recipe.yaml, params, show) keeps the URI without
+            # The recipe (recipe.yaml, params, show) keeps the URI without
             # user:password; MLflow still reads the real one from MLFLOW_TRACKING_URI.
             recipe.tracking.uri = redact_uri(uri)
 
 
 def _check_tracking(recipes: list[tuple[Any, str]]) -> None:
-    """wiring (issue 10): the store must answer (bounded in time) before any model work."""
+    """The store must answer (bounded in time) before any model work."""
     from quantgate.tracking import check_store, resolve_tracking_uri
 
     seen: set[tuple[str, str]] = set()
@@ -155,9 +155,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     recipes = _load_all(args.recipes, args.set or [])
     _apply_env_tracking(recipes)
-    _check_tracking(recipes)  # wiring (issue 10)
-    from quantgate.preflight import preflight
+    from quantgate.preflight import check_inputs, preflight
 
+    # Before any model work, cheapest first: unreadable model files and short calibration data
+    # (bad input, exit 2), then the tracking store (bounded in time, exit 3), then preflight.
+    for recipe, path in recipes:
+        check_inputs(recipe, path)
+    _check_tracking(recipes)
     for recipe, _ in recipes:
         report = preflight(recipe)
         for line in report.lines:
@@ -261,7 +265,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from quantgate.tracking import resolve_tracking_uri, run_ui
 
     uri = resolve_tracking_uri(TrackingSpec(uri=args.uri) if args.uri else TrackingSpec())
-    # wiring (issue 10): run_ui stops the server's process group on SIGTERM/SIGINT/SIGHUP
+    # run_ui stops the server's process group on SIGTERM/SIGINT/SIGHUP
     return run_ui(uri, host="127.0.0.1", port=args.port)
 
 

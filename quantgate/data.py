@@ -148,3 +148,96 @@ def calibration_batches(spec: CalibrationSpec, tokenizer: Any) -> CalibrationBat
     digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()
     batches = [data[i : i + spec.batch_size] for i in range(0, len(data), spec.batch_size)]
     return CalibrationBatches(batches, digest, int(data.numel()))
+
+
+# ---- enough calibration text? (issue 10: bad input before any model work) ------------------------
+
+
+def read_local_texts(path: Path, text_field: str) -> list[str]:
+    """The non-empty texts of a local calibration file, read the way `load_texts` reads them
+    (.txt: one text a line; .jsonl/.json: records' `text_field`; .parquet: that column), without
+    building a `datasets` cache. ValueError with one line when the file cannot be read so."""
+    import json
+
+    suffix = path.suffix
+    if suffix == ".txt":
+        rows: list[Any] = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return [t for t in rows if t.strip()]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise ValueError(f"has no column {text_field!r} (columns: {table.column_names})")
+        rows = table.column(text_field).to_pylist()
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        stripped = text.lstrip()
+        try:
+            if suffix == ".json" and stripped.startswith("["):
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as err:
+            raise ValueError(f"is not JSON lines ({err})") from None
+        if rows and not all(isinstance(r, dict) for r in rows):
+            raise ValueError("holds JSON values that are not objects")
+        if rows and not any(text_field in r for r in rows):
+            raise ValueError(f"has no field {text_field!r} (fields: {sorted(rows[0])})")
+        rows = [r.get(text_field) for r in rows]
+    return [t for t in rows if isinstance(t, str) and t.strip()]
+
+
+def calibration_tokens_needed(spec: CalibrationSpec) -> int:
+    """`calibration_batches` cuts seq_len windows from one token stream and needs num_samples of them."""
+    return spec.num_samples * spec.seq_len
+
+
+def count_tokens_upto(texts: list[str], need: int, tokenizer_file: Path | None) -> tuple[int, bool]:
+    """(tokens in the calibration stream, exact?) counted up to `need`. With a tokenizer.json the
+    count is exact (the `tokenizers` backend the model's fast tokenizer uses, one EOS between
+    texts as `calibration_batches` does); without one it is an upper bound: a token of a byte-level
+    or byte-fallback tokenizer covers at least one UTF-8 byte, so tokens <= bytes + separators."""
+    if tokenizer_file is None or not tokenizer_file.is_file():
+        return sum(len(t.encode("utf-8")) + 1 for t in texts), False
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    total = 0
+    for text in texts:
+        total += len(tok.encode(text, add_special_tokens=False).ids) + 1
+        if total >= need:
+            break
+    return total, True
+
+
+def check_calibration_data(spec: CalibrationSpec, source_name: str, tokenizer_file: Path | None = None) -> None:
+    """RecipeError (exit 2) when the calibration data is unreadable, empty or too short for
+    num_samples x seq_len tokens. Rule: the token stream must hold num_samples windows of seq_len
+    tokens (exact with the model's tokenizer.json, else the bytes upper bound). Bundled Wikipedia
+    and hub datasets are not checked here (reading them is the slow part); calibration checks them."""
+    ds = spec.dataset
+    need = calibration_tokens_needed(spec)
+    fix = (f"it needs at least {need} tokens (calibration.num_samples {spec.num_samples} x calibration.seq_len "
+           f"{spec.seq_len}): give more text or lower calibration.num_samples / calibration.seq_len")
+    if ds.startswith("bundled:"):
+        name = ds.split(":", 1)[1]
+        if name != "pydoc":
+            return
+        texts = ["\n\n".join(paras) for title, paras in bundled_documents(name) if in_split(title, spec.split)]
+        where = f"bundled:pydoc ({spec.split} split)"
+    else:
+        p = Path(ds).expanduser()
+        if not p.is_file():
+            return  # a hub dataset: checked when it is loaded
+        where = str(p)
+        try:
+            texts = read_local_texts(p, spec.text_field)
+        except (OSError, ValueError) as err:
+            raise RecipeError(source_name, "calibration.dataset", f"{where}: {str(err).splitlines()[0]}; give a .txt, .jsonl, .json or .parquet file with a {spec.text_field!r} text field") from None
+        if not texts:
+            raise RecipeError(source_name, "calibration.dataset", f"{where} holds no text (empty, or only blank lines / empty {spec.text_field!r} fields); {fix}")
+    got, exact = count_tokens_upto(texts, need, tokenizer_file)
+    if got < need:
+        what = f"{got} tokens with the model's tokenizer" if exact else f"at most {got} tokens ({len(texts)} texts, {got - len(texts)} UTF-8 bytes)"
+        raise RecipeError(source_name, "calibration.dataset", f"{where} gives {what}; {fix}")

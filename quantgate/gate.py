@@ -15,12 +15,17 @@ Decision rules (details in docs/gate.md):
   - REGRESSION   the point estimate exceeds a margin and the drop is significant (low > 0);
   - INCONCLUSIVE otherwise: the sample cannot resolve the margin (items needed are reported).
 * **Golden checks** are plain thresholds on the GoldenSummary (pass / fail).
+* **Fail closed on non-finite input**: NaN/inf anywhere in either side's metrics (gated or
+  not), per-item records (log-likelihoods, scores), golden log-probs, the golden summary or the
+  gate spec -> ERROR, with one check per (side, task) naming the first value (issue 10).
 * **Fail closed**: a configured metric missing or NaN on either side, per-item records that are
   missing or do not reproduce the reported metric, a task listed in `errors`, results that are
   not comparable (tasks, versions, config hashes, few-shot, items, `comparability` facts), or
   nothing gated at all -> ERROR.
 * Metrics without a configured limit are reported as informational checks (`gated=False`,
-  status 'pass', detail starting with 'not gated'); they never change the decision.
+  status 'pass', detail starting with 'not gated'); they never change the decision, except that
+  a non-finite value is an error whether gated or not.
+* `extra_checks` (e.g. `quantgate gate`'s re-computation of stored figures) join the decision.
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantgate import stats
 from quantgate.errors import ExitCode
-from quantgate.evaluation.results import EvalResults, GoldenSummary, ItemRecord, TaskResult
+from quantgate.evaluation.results import (
+    EvalResults,
+    GoldenSummary,
+    ItemRecord,
+    TaskResult,
+    nonfinite_in_golden,
+    nonfinite_in_results,
+    summarize_locations,
+)
 from quantgate.recipe import GateSpec, MetricLimit
 
 Status = Literal["pass", "fail", "inconclusive", "anomalous", "error"]
@@ -427,9 +440,10 @@ def _metric_check(
     if gated:
         head["limit"] = Limit(abs=lim.max_abs_drop, rel=lim.max_rel_drop)
 
-    def err(msg: str, **more: Any) -> Check:
-        # Informational checks never fail; they only say why no numbers are shown.
-        if gated:
+    def err(msg: str, nonfinite: bool = False, **more: Any) -> Check:
+        # Informational checks never fail (they only say why no numbers are shown), except on a
+        # NaN/inf value: that is a broken model or run, never "PASS (not gated)".
+        if gated or nonfinite:
             return Check(**head, **more, status="error", detail=msg)
         return Check(**head, **more, status="pass", detail=f"not gated; {msg}")
 
@@ -450,13 +464,17 @@ def _metric_check(
     shown = {"baseline": vb, "candidate": vc}
     for side, v in (("baseline", vb), ("candidate", vc)):
         if not math.isfinite(v):
-            return err(f"{side} {metric} is {v}", **shown)
+            return err(f"{side} {task}/{metric} is {v}: non-finite", nonfinite=True, **shown)
     try:
         hib = _direction(tb, tc, metric)
         head["higher_is_better"] = hib
         est = _estimate(tb, tc, metric, hib, spec)
     except (ValueError, ArithmeticError, RuntimeError) as exc:  # fail closed, never crash the run
         return err(_one_line(str(exc)) or type(exc).__name__, **shown)
+    core = {"worsening": est.worsening, "low": est.low, "high": est.high, "baseline": est.baseline, "candidate": est.candidate}
+    broken = [k for k, v in core.items() if not math.isfinite(v)]
+    if broken:
+        return err(f"the paired estimate is not finite ({', '.join(f'{k}={core[k]}' for k in broken)})", nonfinite=True, **shown)
     if not gated:
         return Check(
             **head, **_numbers(est), status="pass",
@@ -498,8 +516,7 @@ def _golden_checks(golden: GoldenSummary | None, spec: GateSpec) -> list[Check]:
         if gated and n == 0:
             checks.append(Check(**head, status="error", detail="golden summary has no records"))
         elif not math.isfinite(value):
-            checks.append(Check(**head, status="error" if gated else "pass",
-                                detail=("" if gated else "not gated; ") + f"{field} is {value}"))
+            checks.append(Check(**head, status="error", detail=f"golden {field} is {value}: non-finite"))
         elif not gated:
             checks.append(Check(**head, status="pass", detail=f"not gated: {field} {_f(value)} over {n} prompts"))
         else:
@@ -509,6 +526,165 @@ def _golden_checks(golden: GoldenSummary | None, spec: GateSpec) -> list[Check]:
                 **head, status="pass" if ok else "fail",
                 detail=f"{field} {_f(value)} {op} {'min' if hib else 'max'} {_f(threshold)} over {n} prompts",
             ))
+    return checks
+
+
+# ---- non-finite inputs -------------------------------------------------------------------------
+
+
+def _spec_numbers(spec: GateSpec) -> dict[str, float | None]:
+    nums: dict[str, float | None] = {
+        "gate.confidence": spec.confidence, "gate.power": spec.power, "gate.anomaly_margin": spec.anomaly_margin,
+    }
+    for key, lim in spec.metrics.items():
+        nums[f"gate.metrics.{key}.max_abs_drop"] = lim.max_abs_drop
+        nums[f"gate.metrics.{key}.max_rel_drop"] = lim.max_rel_drop
+    for name in ("min_exact_match", "max_mean_kl", "min_top1_agreement"):
+        nums[f"gate.golden.{name}"] = getattr(spec.golden, name)
+    return nums
+
+
+def finite_checks(baseline: EvalResults, candidate: EvalResults, golden: GoldenSummary | None, spec: GateSpec) -> list[Check]:
+    """One 'error' check per (side, task) whose metrics or per-item records hold NaN/inf, one for
+    a non-finite golden summary and one for a non-finite limit; a single 'pass' check otherwise.
+    A NaN model must end in ERROR whatever the gate configures (issue 10)."""
+    checks: list[Check] = []
+    for res in (baseline, candidate):
+        for task, where in nonfinite_in_results(res).items():
+            checks.append(Check(
+                name=f"finite/{res.side}/{task}", kind="completeness", task=None if task == "golden" else task,
+                status="error", detail=f"{res.side} {task}: non-finite values: {summarize_locations(where)}",
+            ))
+    if golden is not None and (where := nonfinite_in_golden(golden)):
+        checks.append(Check(name="finite/golden", kind="completeness", status="error",
+                            detail=f"golden summary: non-finite values: {summarize_locations(where)}"))
+    bad_spec = [f"{k} = {v}" for k, v in _spec_numbers(spec).items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad_spec:
+        checks.append(Check(name="finite/gate", kind="completeness", status="error",
+                            detail=f"non-finite gate settings: {summarize_locations(bad_spec)}"))
+    if not checks:
+        checks.append(Check(name="finite", kind="completeness", status="pass",
+                            detail="every metric, per-item record, golden score and limit is finite"))
+    return checks
+
+
+# ---- stored figures vs their records (`quantgate gate`, issue 10) ------------------------------
+
+_GOLDEN_AGGREGATES = ("exact_match_rate", "mean_prefix_agreement", "mean_token_agreement", "mean_kl", "top1_agreement")
+_GOLDEN_RECORD_FLOATS = ("prefix_agreement", "token_agreement", "mean_kl", "top1_agreement")
+_GOLDEN_RECORD_EXACT = ("exact_match", "first_divergence", "n_tokens", "baseline_text", "candidate_text")
+
+
+def _close(a: float, b: float, rel: float = 1e-6, abs_tol: float = 1e-9) -> bool:
+    # Float tolerance only: the stored figures are repr-exact JSON of the same sums.
+    return math.isfinite(a) and math.isfinite(b) and math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol)
+
+
+def recheck_golden(
+    stored: GoldenSummary | None, baseline: EvalResults, candidate: EvalResults,
+) -> tuple[GoldenSummary | None, list[Check]]:
+    """Recompute every golden figure instead of trusting a stored summary: per-prompt records
+    from both sides' stored outputs (teacher-forced top-k log-probs), aggregates from records.
+    Returns the recomputed summary (what the gate should judge) and one check: 'error' when the
+    stored summary or records disagree with the recomputation beyond float tolerance."""
+    from quantgate.evaluation.golden import compare_golden, summary_from_records
+
+    checks: list[Check] = []
+    fresh: GoldenSummary | None = None
+    if baseline.golden and candidate.golden:
+        try:
+            fresh = compare_golden(baseline.golden, candidate.golden)
+        except (ValueError, ArithmeticError) as exc:
+            checks.append(Check(name="golden/recompute", kind="completeness", status="error",
+                                detail=f"cannot recompute golden figures from the stored outputs: {_one_line(str(exc))}"))
+    if stored is None:
+        return fresh, checks
+    problems: list[str] = []
+    from_records = summary_from_records(stored.records)
+    for f in _GOLDEN_AGGREGATES:
+        got, want = getattr(stored, f), getattr(from_records, f)
+        if not _close(got, want):
+            problems.append(f"summary {f} is {_f(got)} but its {len(stored.records)} records give {_f(want)}")
+    if fresh is not None:
+        by_id = {r.id: r for r in fresh.records}
+        ids, fresh_ids = [r.id for r in stored.records], set(by_id)
+        if set(ids) != fresh_ids or len(ids) != len(fresh_ids):
+            problems.append(f"stored records cover prompts {sorted(set(ids))[:5]}, the outputs {sorted(fresh_ids)[:5]}")
+        for r in stored.records:
+            ref = by_id.get(r.id)
+            if ref is None:
+                continue
+            for f in _GOLDEN_RECORD_FLOATS:
+                if not _close(getattr(r, f), getattr(ref, f)):
+                    problems.append(f"prompt {r.id!r} {f} is stored as {_f(getattr(r, f))} but its outputs give {_f(getattr(ref, f))}")
+            for f in _GOLDEN_RECORD_EXACT:
+                if getattr(r, f) != getattr(ref, f):
+                    problems.append(f"prompt {r.id!r} {f} is stored as {getattr(r, f)!r} but its outputs give {getattr(ref, f)!r}")
+            if r.n_positions is not None and r.n_positions != ref.n_positions:
+                problems.append(f"prompt {r.id!r} n_positions is stored as {r.n_positions} but its outputs give {ref.n_positions}")
+    source = "the stored outputs of both sides" if fresh is not None else "its per-prompt records"
+    if problems:
+        checks.append(Check(
+            name="golden/recomputed", kind="completeness", status="error", n=len(stored.records),
+            detail=f"stored golden figures disagree with {source}: {summarize_locations(problems)}",
+        ))
+    else:
+        checks.append(Check(name="golden/recomputed", kind="completeness", status="pass", n=len(stored.records),
+                            detail=f"every golden figure recomputed from {source} matches"))
+    return (fresh if fresh is not None else from_records), checks
+
+
+def _recompute_metric(tr: TaskResult, metric: str) -> tuple[float, float] | None:
+    """(value rebuilt from the per-item records, relative tolerance), or None where the records
+    cannot rebuild that metric."""
+    if not tr.items:
+        return None
+    if tr.kind == "accuracy":
+        per = [it.scores.get(metric) if it.scores else None for it in tr.items]
+        if any(v is None for v in per):
+            return None
+        return sum(per) / len(per), 1e-6  # type: ignore[arg-type]
+    if metric not in stats.CORPUS_METRICS:
+        return None
+    ll = [it.loglikelihood for it in tr.items]
+    if any(v is None for v in ll):
+        return None
+
+    def col(name: str) -> list[int] | None:
+        vals = [getattr(it, name) for it in tr.items]
+        return None if any(v is None for v in vals) else vals
+
+    try:
+        return stats.corpus_metric(ll, col("words"), col("bytes"), col("tokens"), metric), 1e-3
+    except ValueError:
+        return None
+
+
+def recheck_results(results: EvalResults) -> list[Check]:
+    """Every stored metric that its per-item records can rebuild (means of per-item scores,
+    corpus perplexities from per-document log-likelihoods) must match them: 'error' check per
+    mismatch, one 'pass' check otherwise."""
+    checks: list[Check] = []
+    n_ok = 0
+    for task, tr in sorted(results.tasks.items()):
+        for metric, stored in sorted(tr.metrics.items()):
+            if "stderr" in metric:
+                continue
+            got = _recompute_metric(tr, metric)
+            if got is None:
+                continue
+            value, rel = got
+            if _close(stored, value, rel=rel):
+                n_ok += 1
+                continue
+            checks.append(Check(
+                name=f"recomputed/{results.side}/{task}/{metric}", kind="completeness", task=task, metric=metric,
+                n=len(tr.items), status="error",
+                detail=f"{results.side} {task}/{metric} is stored as {_f(stored)} but its {len(tr.items)} per-item records give {_f(value)}",
+            ))
+    if not checks:
+        checks.append(Check(name=f"recomputed/{results.side}", kind="completeness", status="pass",
+                            detail=f"{n_ok} stored metrics match their per-item records"))
     return checks
 
 
@@ -528,13 +704,15 @@ def _reason(decision: Decision, checks: list[Check], status: Status | None) -> s
 
 def judge(
     baseline: EvalResults, candidate: EvalResults, golden: GoldenSummary | None, spec: GateSpec,
+    *, extra_checks: list[Check] | None = None,
 ) -> Verdict:
     """Compare the candidate with the baseline under the recipe's gate; never raises on bad data
-    (a problem becomes an 'error' check and the decision ERROR)."""
+    (a problem becomes an 'error' check and the decision ERROR). `extra_checks` are findings made
+    outside (e.g. stored figures that do not match their records) and count like any other."""
     checks: list[Check] = []
     errors, errored = _completeness_checks(baseline, candidate)
     comparable, bad = _comparability_checks(baseline, candidate)
-    checks += comparable + errors
+    checks += comparable + errors + finite_checks(baseline, candidate, golden, spec) + list(extra_checks or [])
 
     gated_keys = sorted(spec.metrics)
     for key in gated_keys:

@@ -174,3 +174,184 @@ def load_model(model_dir: Path, spec: ModelSpec, *, dtype: Any, device: str) -> 
     )
     model.to(device).eval()
     return model, tok
+
+
+# ---- model files, checked without loading them (issue 10: bad input before any model work) ------
+
+GGUF_MAGIC = b"GGUF"
+# GGUF metadata value types: fixed sizes (struct formats); 8 = string, 9 = array.
+_GGUF_FIXED = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# Bits per element of safetensors dtypes (sub-byte ones are packed).
+SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "E4M3": 8, "E5M2": 8,
+    "U16": 16, "I16": 16, "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64,
+    "I64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+
+class BadModelFile(ValueError):
+    """A model file that cannot be read as what it claims to be; the text names what and where."""
+
+
+class _Reader:
+    """Bounds-checked little-endian reads from a binary file (a corrupt length never reads past
+    the end or allocates gigabytes)."""
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self.fh, self.size = fh, size
+
+    def take(self, n: int, what: str) -> bytes:
+        pos = self.fh.tell()
+        if n < 0 or pos + n > self.size:
+            raise BadModelFile(f"truncated or corrupt header: {what} needs {n} bytes at offset {pos}, the file has {self.size}")
+        return self.fh.read(n)
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        import struct
+
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        return self.take(n, what).decode("utf-8", errors="replace")
+
+
+def _gguf_value(r: _Reader, vtype: int, key: str) -> Any:
+    import struct
+
+    if vtype in _GGUF_FIXED:
+        return r.unpack(_GGUF_FIXED[vtype], f"value of {key!r}")
+    if vtype == 8:
+        return r.string(f"value of {key!r}")
+    if vtype == 9:
+        itype, count = r.unpack("<I", f"array type of {key!r}"), r.unpack("<Q", f"array length of {key!r}")
+        if itype in _GGUF_FIXED:  # skip fixed-size arrays without decoding them
+            r.take(count * struct.calcsize(_GGUF_FIXED[itype]), f"array {key!r}")
+            return None
+        for _ in range(count):
+            _gguf_value(r, itype, key)
+        return None
+    raise BadModelFile(f"corrupt header: metadata {key!r} has unknown value type {vtype}")
+
+
+def check_gguf_file(path: Path) -> int:
+    """Parse a GGUF header (metadata and tensor infos) and check every tensor's data range against
+    the file size; returns the tensor count. Reads only the header (a few MB), never the weights."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        r = _Reader(fh, size)
+        if r.take(4, "magic") != GGUF_MAGIC:
+            raise BadModelFile("not a GGUF file (the first 4 bytes are not 'GGUF')")
+        version = r.unpack("<I", "version")
+        if version not in (2, 3):
+            raise BadModelFile(f"unsupported GGUF version {version} (2 and 3 are read)")
+        n_tensors, n_kv = r.unpack("<Q", "tensor count"), r.unpack("<Q", "metadata count")
+        if n_tensors > size or n_kv > size:
+            raise BadModelFile(f"corrupt header: {n_tensors} tensors, {n_kv} metadata entries in {size} bytes")
+        alignment = 32
+        for _ in range(n_kv):
+            key = r.string("metadata key")
+            value = _gguf_value(r, r.unpack("<I", f"type of {key!r}"), key)
+            if key == "general.alignment" and isinstance(value, int) and value > 0:
+                alignment = value
+        infos = []
+        for _ in range(n_tensors):
+            name = r.string("tensor name")
+            n_dims = r.unpack("<I", f"dims of {name!r}")
+            if n_dims > 8:
+                raise BadModelFile(f"corrupt header: tensor {name!r} has {n_dims} dimensions")
+            dims = [r.unpack("<Q", f"shape of {name!r}") for _ in range(n_dims)]
+            ttype, offset = r.unpack("<I", f"type of {name!r}"), r.unpack("<Q", f"offset of {name!r}")
+            infos.append((name, dims, ttype, offset))
+        data_start = -(-fh.tell() // alignment) * alignment
+    for name, dims, ttype, offset in infos:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise BadModelFile(f"tensor {name!r} has unknown GGML type {ttype}") from None
+        n = 1
+        for d in dims:
+            n *= d
+        if n % block:
+            raise BadModelFile(f"tensor {name!r}: {n} elements are not whole blocks of {block}")
+        end = data_start + offset + n // block * type_size
+        if end > size:
+            raise BadModelFile(f"truncated: tensor {name!r} ends at byte {end} but the file has {size} bytes")
+    return len(infos)
+
+
+def check_safetensors_file(path: Path) -> int:
+    """Header length, header JSON and every tensor's byte range vs the file size (as the
+    safetensors loader demands: sizes match dtype x shape, the data exactly fills the file).
+    Returns the tensor count; reads only the header."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        r = _Reader(fh, size)
+        n = r.unpack("<Q", "header length")
+        if n > min(size - 8, 1 << 30):
+            raise BadModelFile(f"truncated or corrupt: header length {n} but the file has {size} bytes")
+        try:
+            header = json.loads(r.take(n, "header"))
+        except ValueError as err:
+            raise BadModelFile(f"corrupt header (not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise BadModelFile("corrupt header (not a JSON object)")
+    data_len, end_max, count = size - 8 - n, 0, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            elems = 1
+            for d in shape:
+                elems *= int(d)
+        except (KeyError, TypeError, ValueError):
+            raise BadModelFile(f"corrupt header entry for tensor {name!r}") from None
+        bits = SAFETENSORS_BITS.get(dtype)
+        if bits is not None and end - begin != -(-elems * bits // 8):
+            raise BadModelFile(f"tensor {name!r} ({dtype} {shape}) spans {end - begin} bytes, not {-(-elems * bits // 8)}")
+        if not 0 <= begin <= end or end > data_len:
+            raise BadModelFile(f"truncated: tensor {name!r} ends at data byte {end} but the file holds {data_len}")
+        end_max, count = max(end_max, end), count + 1
+    if end_max != data_len:
+        raise BadModelFile(f"the tensors cover {end_max} data bytes but the file holds {data_len} (truncated or padded)")
+    return count
+
+
+def model_weight_files(model_dir: Path) -> list[Path]:
+    """The weight files a HF directory's loader will open (sharded index first)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BadModelFile(f"{index.name} is not a valid safetensors index (no weight_map)") from None
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    return files or sorted(model_dir.glob("pytorch_model*.bin"))
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """config.json readable, weights present, every safetensors file's header consistent."""
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        raise BadModelFile(f"{cfg}: missing; expected a Hugging Face model directory")
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BadModelFile(f"{cfg}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not (config.get("model_type") or config.get("architectures")):
+        raise BadModelFile(f"{cfg}: has neither model_type nor architectures")
+    files = model_weight_files(model_dir)
+    if not files:
+        raise BadModelFile(f"{model_dir}: no weights (*.safetensors, model.safetensors.index.json or pytorch_model*.bin)")
+    for f in files:
+        if not f.is_file():
+            raise BadModelFile(f"{f}: listed in the safetensors index but missing")
+        if f.suffix == ".safetensors":
+            try:
+                check_safetensors_file(f)
+            except BadModelFile as err:
+                raise BadModelFile(f"{f}: {err}") from None

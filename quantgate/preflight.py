@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantgate.errors import PreflightError
+from quantgate.errors import PreflightError, RecipeError
 
 if TYPE_CHECKING:
     from quantgate.formats import FormatSpec
@@ -378,3 +378,80 @@ def _preflight_trtllm(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
         else "scoring: full context logits (return_context_logits), KV-cache block reuse off"
     )
     return report
+
+
+# ---- inputs (issue 10: unreadable model files and short calibration data are bad input) ---------
+
+
+def _tokenizer_file(recipe: Recipe) -> Path | None:
+    """The model's tokenizer.json, where one exists without converting or downloading anything."""
+    from quantgate.models import BUNDLED, cache_root
+
+    src = recipe.model.source
+    if src.startswith("bundled:"):
+        name = src.split(":", 1)[1]
+        spec = importlib.util.find_spec(BUNDLED[name][0]) if name in BUNDLED else None
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        gguf = Path(list(spec.submodule_search_locations)[0]) / BUNDLED[name][1]
+        converted = cache_root() / "models" / f"{name}-{gguf.stat().st_size}" / "tokenizer.json" if gguf.is_file() else None
+        return converted if converted is not None and converted.is_file() else None
+    p = Path(src).expanduser() / "tokenizer.json"
+    return p if p.is_file() else None
+
+
+def check_model_files(recipe: Recipe, source_name: str = "recipe") -> None:
+    """RecipeError (exit 2) for a model source whose files cannot be what they claim: a truncated
+    or corrupt GGUF, safetensors whose header or sizes do not match the file, a missing or broken
+    config.json. Reads headers only."""
+    from quantgate.models import (
+        BUNDLED,
+        BadModelFile,
+        _looks_like_path,
+        check_gguf_file,
+        check_model_dir,
+    )
+
+    src = recipe.model.source
+    target: Path | None = None
+    if src.startswith("bundled:"):
+        name = src.split(":", 1)[1]
+        spec = importlib.util.find_spec(BUNDLED[name][0]) if name in BUNDLED else None
+        if spec is not None and spec.submodule_search_locations:
+            target = Path(list(spec.submodule_search_locations)[0]) / BUNDLED[name][1]
+    elif _looks_like_path(src):
+        target = Path(src).expanduser()
+    if target is None:
+        return  # a hub id: its files arrive (and are checked by their loader) at run time
+    how = "re-download or re-export the model, or point model.source at a complete copy"
+    try:
+        if target.is_dir():
+            check_model_dir(target)
+        elif target.suffix == ".gguf":
+            check_gguf_file(target)
+        elif target.suffix == ".safetensors":
+            raise BadModelFile("a single .safetensors file is not a model: give its directory (with config.json)")
+        elif not target.exists():
+            raise BadModelFile("does not exist")
+    except BadModelFile as err:
+        text = str(err)
+        where = text if text.startswith(str(target)) else f"{target}: {text}"
+        raise RecipeError(source_name, "model.source", f"{where}; {how}") from None
+    except OSError as err:
+        raise RecipeError(source_name, "model.source", f"{target}: unreadable ({err.strerror or err}); {how}") from None
+
+
+def check_inputs(recipe: Recipe, source_name: str = "recipe") -> None:
+    """Bad input found before any model work (exit 2, one line: file, what, how to fix): model
+    files (headers and sizes, never the weights) and, for quantized formats, calibration data that
+    is unreadable, empty or shorter than calibration.num_samples x seq_len tokens."""
+    from quantgate.data import check_calibration_data
+    from quantgate.formats import get_format
+
+    check_model_files(recipe, source_name)
+    try:
+        quantized = get_format(recipe.quantization.format).quantized
+    except KeyError:
+        quantized = True
+    if quantized:
+        check_calibration_data(recipe.calibration, source_name, _tokenizer_file(recipe))

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from quantgate.errors import RecipeError
+from quantgate.errors import RecipeError, StageError
 from quantgate.recipe import Recipe, apply_overrides
 
 
@@ -34,7 +34,7 @@ def _from_mlflow(run_id: str) -> Path:
 
 def regate(run: str, overrides: list[str]) -> tuple[Any, str]:
     from quantgate.evaluation.results import EvalResults, GoldenSummary
-    from quantgate.gate import judge
+    from quantgate.gate import judge, recheck_golden, recheck_results
     from quantgate.report import verdict_table
 
     folder = Path(run)
@@ -59,8 +59,24 @@ def regate(run: str, overrides: list[str]) -> tuple[Any, str]:
             key, msg = _format_validation_error(err)
             raise RecipeError(f"{run} (with --set)", key, msg) from None
         raise
-    baseline = EvalResults.load(folder / "baseline_results.json")
-    candidate = EvalResults.load(folder / "candidate_results.json")
-    golden = GoldenSummary.model_validate_json((folder / "golden.json").read_text()) if (folder / "golden.json").is_file() else None
-    verdict = judge(baseline, candidate, golden, recipe.gate)
+    baseline = _load(folder / "baseline_results.json", EvalResults)
+    candidate = _load(folder / "candidate_results.json", EvalResults)
+    stored_golden = _load(folder / "golden.json", GoldenSummary) if (folder / "golden.json").is_file() else None
+    # Trust no stored figure: golden figures are recomputed from the per-prompt outputs and
+    # records, and stored metrics must match their per-item records (issue 10).
+    golden, golden_checks = recheck_golden(stored_golden, baseline, candidate)
+    extra = golden_checks + recheck_results(baseline) + recheck_results(candidate)
+    verdict = judge(baseline, candidate, golden, recipe.gate, extra_checks=extra)
     return verdict, verdict_table(verdict)
+
+
+def _load(path: Path, model: Any) -> Any:
+    """A stored artifact, or one line saying which file is unreadable (exit 3)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, ValidationError) as err:
+        first = str(err).splitlines()
+        detail = f"{first[0]}: {first[1].strip()}" if len(first) > 1 else (first[0] if first else type(err).__name__)
+        raise StageError("gate", f"{path}: not a readable {model.__name__} ({detail})") from None

@@ -108,6 +108,22 @@ def test_summary_kl_is_position_weighted():
         compare_golden(base, cand[:1])
 
 
+def test_summary_rebuilt_from_records_matches():
+    """`quantgate gate` re-derives the aggregates from the per-prompt records (issue 10)."""
+    from quantgate.evaluation.golden import summary_from_records
+
+    rng = random.Random(5)
+    p = [_dist(rng, 20) for _ in range(4)]
+    q = [_dist(rng, 20) for _ in range(4)]
+    base = [_out("a", [0, 1, 2], p[:3], 20), _out("b", [5], p[3:], 20), _out("c", [], [], 20)]
+    cand = [_out("a", [0, 1, 3], q[:3], 20), _out("b", [5], q[3:], 20), _out("c", [], [], 20)]
+    s = compare_golden(base, cand)
+    assert [r.n_positions for r in s.records] == [3, 1, 0]
+    again = summary_from_records(s.records)
+    for f in ("exact_match_rate", "mean_prefix_agreement", "mean_token_agreement", "mean_kl", "top1_agreement"):
+        assert getattr(again, f) == pytest.approx(getattr(s, f), rel=1e-12), f
+
+
 def test_reports_escape_and_highlight():
     rng = random.Random(4)
     d = [_dist(rng, 10) for _ in range(3)]

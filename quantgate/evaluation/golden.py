@@ -184,8 +184,26 @@ def compare_one(base: GoldenOutput, cand: GoldenOutput) -> tuple[GoldenRecord, l
         mean_kl=sum(kls) / n if n else 0.0,
         top1_agreement=sum(top1) / n if n else 1.0,
         n_tokens=len(a),
+        n_positions=n,
     )
     return rec, kls, top1
+
+
+def summary_from_records(records: list[GoldenRecord]) -> GoldenSummary:
+    """The aggregates `compare_golden` reports, rebuilt from per-prompt records alone: KL and top-1
+    agreement weighted by each record's teacher-forced positions (n_positions; n_tokens for
+    records stored before that field existed), the rest averaged over prompts."""
+    n = len(records)
+    weights = [r.n_positions if r.n_positions is not None else r.n_tokens for r in records]
+    total = sum(weights)
+    return GoldenSummary(
+        records=list(records),
+        exact_match_rate=sum(r.exact_match for r in records) / n if n else 1.0,
+        mean_prefix_agreement=sum(r.prefix_agreement for r in records) / n if n else 1.0,
+        mean_token_agreement=sum(r.token_agreement for r in records) / n if n else 1.0,
+        mean_kl=sum(r.mean_kl * w for r, w in zip(records, weights, strict=True)) / total if total else 0.0,
+        top1_agreement=sum(r.top1_agreement * w for r, w in zip(records, weights, strict=True)) / total if total else 1.0,
+    )
 
 
 def compare_golden(baseline: list[GoldenOutput], candidate: list[GoldenOutput]) -> GoldenSummary:
