@@ -280,6 +280,9 @@ def preflight(recipe: Recipe, *, longest_prompt_tokens: int | None = None) -> Pr
 
 
 def _check_memory(report: PreflightReport, mem: MemoryEstimate, recipe: Recipe) -> None:
+    if report.engine_backend == "torch":
+        _check_memory_torch(report, recipe)
+        return
     if report.engine_backend != "tensorrt-llm":
         return
     info = gpu_info()
@@ -299,6 +302,27 @@ def _check_memory(report: PreflightReport, mem: MemoryEstimate, recipe: Recipe) 
             f"a full KV cache ({_gib(mem.kv_bytes)}) exceeds the ~{_gib(int(free_for_kv))} that "
             "engine.kv_cache_free_gpu_memory_fraction leaves: TensorRT-LLM will hold fewer sequences at once"
         )
+
+
+def _check_memory_torch(report: PreflightReport, recipe: Recipe) -> None:
+    """On a GPU: the per-stage memory plan (quantgate/memory_plan.py); refuse a stage that cannot fit."""
+    from quantgate.formats import get_format
+    from quantgate.memory_plan import plan_memory
+
+    info = gpu_info()
+    config = model_config_for(recipe.model.source)
+    if report.engine_device != "cuda" or not info.available or not info.total_bytes or config is None:
+        return
+    fmt, q, eng, cal = get_format(recipe.quantization.format), recipe.quantization, recipe.engine, recipe.calibration
+    fp8_ok = info.capability is not None and tuple(info.capability) >= (8, 9)
+    plan = plan_memory(
+        config, quant_algo=fmt.quant_algo, weight_bits=weight_bits(fmt, q.awq_block_size), gpu_bytes=info.total_bytes,
+        max_batch_size=eng.max_batch_size, max_seq_len=eng.max_seq_len, calib_batch_size=cal.batch_size,
+        calib_seq_len=cal.seq_len, kernels=eng.kernels, kernels_available=fp8_ok or fmt.quant_algo != "FP8", uses_awq=fmt.uses_awq,
+    )
+    report.lines.extend(plan.lines())
+    if plan.refusal:
+        raise PreflightError(plan.refusal)
 
 
 def _preflight_torch(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
@@ -321,7 +345,10 @@ def _preflight_torch(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
     where = "cpu" if device == "cpu" else f"cuda ({gpu.name})"
     report = PreflightReport(calib, "torch", device, fmt.name)
     report.lines.append("export: unified HF checkpoint (ModelOpt export_hf_checkpoint)" if fmt.quantized else "export: 16-bit HF checkpoint")
-    report.lines.append(f"engine: torch on {where}: exported weights dequantized, activations fake-quantized from their scales")
+    if device == "cuda" and eng.kernels == "auto" and fmt.quantized:
+        report.lines.append(f"engine: torch on {where}: quantized weights stay quantized, real low-precision GEMMs (engine.kernels=auto)")
+    else:
+        report.lines.append(f"engine: torch on {where}: exported weights dequantized, activations fake-quantized from their scales")
     return report
 
 

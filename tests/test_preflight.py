@@ -222,3 +222,28 @@ def test_check_inputs_reads_headers_of_the_bundled_model_and_refuses_short_data(
     # A 16-bit recipe does not calibrate: its calibration data is not checked.
     pf.check_inputs(Recipe.model_validate({"name": "t", "quantization": {"format": "fp16"},
                                            "calibration": {"num_samples": 4096, "seq_len": 4096}}), "r.yaml")
+
+
+def test_torch_preflight_refuses_a_70b_bf16_baseline_on_one_gpu(tmp_path, monkeypatch):
+    """The memory plan (quantgate/memory_plan.py) runs in preflight on a GPU: a 70B model's 16-bit
+    baseline cannot be evaluated on one 141 GB card, and the refusal is one line naming the stage."""
+    import json
+
+    from quantgate import preflight as pf
+    from quantgate.errors import PreflightError
+    from quantgate.recipe import Recipe
+
+    cfg = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+           "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(pf, "gpu_info", lambda: pf.GpuInfo(True, 1, "NVIDIA H200", (9, 0), 141 * 10**9))
+    recipe = Recipe.model_validate({"name": "fp8", "model": {"source": str(tmp_path)}, "quantization": {"format": "fp8"}})
+    with pytest.raises(PreflightError) as err:
+        pf.preflight(recipe)
+    line = str(err.value)
+    assert "\n" not in line and "baseline" in line and "GiB" in line
+
+    small = {**cfg, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "vocab_size": 32000}
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    report = pf.preflight(recipe)
+    assert any(line.startswith("calibrate") or "baseline_evaluate" in line for line in report.lines)

@@ -13,7 +13,6 @@ from quantgate.sinks import Sink, settings_key
 if TYPE_CHECKING:
     from quantgate.recipe import Recipe
     from quantgate.runner import RecipeOutcome, Run
-    from quantgate.stages import Stage
 
 log = logging.getLogger("quantgate")
 
@@ -158,15 +157,6 @@ class MlflowSink(Sink):
         self.tracker.log_params(flatten(yaml.safe_load(public_recipe_yaml(recipe))))
         self.tracker.log_artifact(run.run_dir / "recipe.yaml")
 
-    def stage_done(self, run: Run, stage: Stage, value: Any) -> None:
-        if self.tracker is None:
-            return
-        if stage.produces == "baseline":
-            self.tracker.set_tags({"quantgate.baseline_cache": f"{'hit' if value.cache_hit else 'miss'} {value.key}", "quantgate.baseline_key": value.key})
-        elif stage.produces == "calibrated":
-            self.tracker.set_tags({"quantgate.calibration_sha256": value.info.content_sha256})
-            self.tracker.log_metrics({"calibration.seconds": value.info.seconds, "calibration.tokens": value.info.tokens})
-
     def run_done(self, run: Run) -> None:
         if self.tracker is None:  # run_start found nothing to do, but the result changed since
             self.run_start(run)
@@ -176,6 +166,13 @@ class MlflowSink(Sink):
     def _record(self, run: Run) -> None:
         t = self.tracker
         base, cand, verdict, ckpt = run.get("baseline"), run.get("candidate"), run.get("verdict"), run.get("checkpoint")
+        # Everything is written here, after the last stage: a store lost mid-run costs only this
+        # step (exit 3); every result stays in the run directory and the next run logs it once.
+        t.set_tags({"quantgate.baseline_cache": f"{'hit' if base.cache_hit else 'miss'} {base.key}", "quantgate.baseline_key": base.key})
+        calibration = run.manifest.data["stages"].get("calibrate")
+        if calibration:
+            t.set_tags({"quantgate.calibration_sha256": calibration.get("sha256", "")})
+            t.log_metrics({"calibration.seconds": calibration.get("seconds", 0.0)})
         t.log_metrics({"checkpoint.bytes": ckpt.size_bytes, "checkpoint.ratio_to_baseline": ckpt.size_bytes / max(base.checkpoint.size_bytes, 1)})
         t.log_metrics(results_metrics("baseline", base.results))
         t.log_metrics(results_metrics("candidate", cand))
