@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -217,3 +218,115 @@ def test_model_page_shows_aliases(logged: Logged, tmp_path: Path) -> None:
     v2, v1 = text.index("Version 2"), text.index("Version 1")
     assert v2 < text.index("@ candidate") < v1 < text.index("@ production")
     assert "REGRESSION" in text and "PASS" in text
+
+
+# ---- a real matrix run, reviewed in the UI ----------------------------------------------------------
+
+
+@dataclass
+class Matrix:
+    url: str
+    experiment_id: str
+    children: dict[str, Any]  # recipe -> MLflow run (info, data)
+    parent: Any
+    outcomes: dict[str, dict[str, Any]]
+    output_dir: Path
+    model: str
+    client: Any
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Matrix]:
+    """`quantgate run fp8.yaml int8_sq.yaml` on the tiny model into sqlite, then served."""
+    import yaml
+
+    from quantgate.tracking import _mlflow_client
+    from tests.test_pipeline import LOOSE_GATE, quantgate
+
+    ws = tmp_path_factory.mktemp("ui_matrix")
+    uri = f"sqlite:///{(ws / 'mlruns' / 'mlflow.db').as_posix()}"
+    base = {
+        "model": {"source": str(tiny_model_dir)},
+        "calibration": {"dataset": "bundled:pydoc", "num_samples": 8, "seq_len": 64, "batch_size": 4},
+        "engine": {"device": "cpu", "max_batch_size": 8, "max_input_len": 512, "max_seq_len": 640},
+        "evaluation": {"limit": 10, "golden": {"max_new_tokens": 6}},
+        "gate": LOOSE_GATE,
+        "promotion": {"registered_model": "tiny-ui-matrix"},
+        "tracking": {"uri": uri, "experiment": "qg-ui-matrix"},
+        "output_dir": str(ws / "runs"),
+    }
+    (ws / "_base.yaml").write_text(yaml.safe_dump(base))
+    for name in ("fp8", "int8_sq"):
+        (ws / f"{name}.yaml").write_text(yaml.safe_dump({"extends": "_base.yaml", "name": name, "quantization": {"format": name}}))
+    proc = quantgate(ws, "run", "fp8.yaml", "int8_sq.yaml", "--json")
+    assert proc.returncode in (0, 1, 3), proc.stderr[-3000:]  # a verdict, whichever it is
+    outcomes = {o["recipe"]: o for o in json.loads(proc.stdout)["recipes"]}
+    assert set(outcomes) == {"fp8", "int8_sq"} and all(o["mlflow_run_id"] for o in outcomes.values()), outcomes
+    client = _mlflow_client(uri)
+    children = {name: client.get_run(o["mlflow_run_id"]) for name, o in outcomes.items()}
+    parent_ids = {r.data.tags.get("mlflow.parentRunId") for r in children.values()}
+    assert len(parent_ids) == 1 and None not in parent_ids, parent_ids
+    parent = client.get_run(parent_ids.pop())
+    with serve_ui(uri, port=free_port(), log_path=ws / "server.log", timeout=90) as url:
+        yield Matrix(url=url, experiment_id=children["fp8"].info.experiment_id, children=children, parent=parent,
+                     outcomes=outcomes, output_dir=ws / "runs", model="tiny-ui-matrix", client=client)
+
+
+UI_QUERY = "?workflowType=machine_learning"  # as run_url/model_url: the classic ML view, not GenAI
+
+
+def _ui_number(value: float) -> str:
+    """A metric as MLflow's tables print it (rounded to at most 4 decimals, no trailing zeros)."""
+    return f"{round(value, 4):.4f}".rstrip("0").rstrip(".")
+
+
+@pytest.mark.server
+def test_matrix_report_written_and_logged_to_parent(matrix: Matrix) -> None:
+    from quantgate.runner import RecipeOutcome, matrix_dir_for
+
+    outcomes = [RecipeOutcome.from_dict(matrix.outcomes[n]) for n in ("fp8", "int8_sq")]
+    folder = matrix_dir_for(matrix.output_dir, outcomes)
+    html = folder / "matrix_report.html"
+    assert html.is_file() and (folder / "matrix_scatter.png").stat().st_size > 10_000
+    text = html.read_text()
+    assert 'data-recipe="fp8"' in text and 'data-recipe="int8_sq"' in text and "<svg" in text
+    logged = {f.path for f in matrix.client.list_artifacts(matrix.parent.info.run_id, "results")}
+    assert {"results/matrix_report.html", "results/matrix_scatter.png"} <= logged, logged
+    tags = matrix.parent.data.tags
+    decisions = {o["decision"] for o in matrix.outcomes.values()}
+    assert tags["mlflow.runName"].startswith("matrix: fp8, int8_sq [") and any(d in tags["mlflow.runName"] for d in decisions)
+    assert "| fp8 |" in tags["mlflow.note.content"] and "| int8_sq |" in tags["mlflow.note.content"]
+
+
+@pytest.mark.server
+def test_compare_view_runs_table_and_version_page(matrix: Matrix, tmp_path: Path) -> None:
+    metric = "candidate.qg_cloze.acc"
+    fp8, sq = matrix.children["fp8"], matrix.children["int8_sq"]
+    values = [_ui_number(r.data.metrics[metric]) for r in (fp8, sq)]
+    names = [r.data.tags["mlflow.runName"] for r in (fp8, sq)]
+    for run, name in zip((fp8, sq), ("fp8", "int8_sq"), strict=True):
+        assert run.data.tags["mlflow.runName"] == f"{name} [{matrix.outcomes[name]['decision']}]"
+    # The route the experiment page's "Compare" button opens (MLflow's getCompareRunPageRoute).
+    ids = json.dumps([fp8.info.run_id, sq.info.run_id]).replace(" ", "")
+    compare = f"{matrix.url}/#/compare-runs?runs={ids}&experiments={json.dumps([matrix.experiment_id])}"
+    table = f"{matrix.url}/#/experiments/{matrix.experiment_id}/runs{UI_QUERY}"
+    version = matrix.children["fp8"]  # registered first: version 1
+    decision = matrix.outcomes["fp8"]["decision"]
+    version_page = f"{matrix.url}/#/models/{matrix.model}/versions/1{UI_QUERY}"
+    reason_start = matrix.outcomes["fp8"]["reason"][:40]
+    compare_shot = Path(tempfile.gettempdir()) / "quantgate_ui_compare.png"
+    version_shot = Path(tempfile.gettempdir()) / "quantgate_ui_version.png"
+    with chromium(tmp_path) as devtools:
+        compare_text, table_text, version_text = asyncio.run(
+            _visit(
+                devtools,
+                [
+                    (compare, [*names, metric, *values], compare_shot),
+                    (table, names, None),
+                    (version_page, [f"{decision} (exit", reason_start, "Deciding check" if decision != "PASS" else "Every gated check passed"], version_shot),
+                ],
+            )
+        )
+    assert version.info.run_id and "gate." in compare_text  # the gate's deltas sit beside the metrics
+    print(f"\ncompare view: {compare_shot}\nversion page: {version_shot}")
+    assert compare_shot.stat().st_size > 10_000 and version_shot.stat().st_size > 10_000
