@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -137,6 +138,27 @@ class Page:
         missing = [e for e in expected if e not in text]
         raise AssertionError(f"{url}: {missing} never appeared; page text starts: {text[:500]!r}")
 
+    async def run(self, script: str, expected: list[str], timeout: float = 30.0) -> str:
+        """Run a script in the page (a click, a scroll), then wait for the expected strings."""
+        got = await self.call("Runtime.evaluate", expression=script, returnByValue=True)
+        if "exceptionDetails" in got:
+            raise AssertionError(f"script failed in the page: {got['exceptionDetails'].get('exception', {}).get('description', got)}")
+        value = got.get("result", {}).get("value")
+        if isinstance(value, dict) and "wheel" in value:  # the script asks for a mouse-wheel turn at (x, y)
+            x, y, dy = value["wheel"]
+            await self.call("Input.dispatchMouseEvent", type="mouseWheel", x=x, y=y, deltaX=0, deltaY=dy)
+            # A grid that follows another catches up on the next wheel event: nudge it by a pixel.
+            await asyncio.sleep(0.3)
+            await self.call("Input.dispatchMouseEvent", type="mouseWheel", x=x, y=y, deltaX=0, deltaY=1)
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = await self.text()
+            if all(e in text for e in expected):
+                return text
+            await asyncio.sleep(0.25)
+        raise AssertionError(f"after the script, {[e for e in expected if e not in text]} never appeared")
+
     async def screenshot(self, path: Path) -> None:
         await asyncio.sleep(0.5)  # let the last layout settle before capturing
         shot = await self.call("Page.captureScreenshot", format="png")
@@ -181,7 +203,8 @@ async def _visit(devtools: str, steps: list[tuple[str, list[str], Path | None]])
             await page.call("Page.enable")
             texts = []
             for url, expected, shot in steps:
-                texts.append(await page.open(url, expected))
+                # "js:<script>" acts on the page already open (a click, a scroll) instead of navigating.
+                texts.append(await (page.run(url[3:], expected) if url.startswith("js:") else page.open(url, expected)))
                 if shot is not None:
                     await page.screenshot(shot)
             return texts
@@ -275,9 +298,34 @@ def matrix(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
 UI_QUERY = "?workflowType=machine_learning"  # as run_url/model_url: the classic ML view, not GenAI
 
 
+# The run-name cell's expander of a parent run (MLflow nests a matrix's recipe runs under it).
+EXPAND_PARENT = "document.querySelector('button[data-component-id*=runnamecellrenderer]').click()"
+# The compare view's metrics table is two virtual grids (names, values; rows sorted by key, only
+# those on screen rendered) that scroll together when a person turns the mouse wheel over the
+# values: bring the table on screen and say where to turn the wheel, and how far, to show row %d
+# (the metric) two rows below the top.
+SHOW_ROW = """(() => {
+  const a = document.querySelector("a[title='Plot chart']");
+  let table = a;
+  while (table.querySelectorAll('.ReactVirtualized__Grid').length < 2) table = table.parentElement;
+  table.scrollIntoView({block: 'center'});
+  const values = [...table.querySelectorAll('.ReactVirtualized__Grid')].find(g => getComputedStyle(g).overflowY === 'auto');
+  const box = values.getBoundingClientRect();
+  return {wheel: [box.left + box.width / 2, box.top + box.height / 2, Math.max(0, %d - 2) * parseFloat(a.parentElement.style.height)]};
+})()"""
+OPEN_REPORT_LINK = "document.querySelector(\"a[href*='artifactPath/results/report.html']\").click()"
+
+
 def _ui_number(value: float) -> str:
-    """A metric as MLflow's tables print it (rounded to at most 4 decimals, no trailing zeros)."""
-    return f"{round(value, 4):.4f}".rstrip("0").rstrip(".")
+    """A metric as MLflow's UI prints it (Utils.formatMetric in MLflow 3.17's JavaScript)."""
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3:
+        mantissa, exponent = f"{value:.3e}".split("e")
+        return f"{mantissa}e{int(exponent):+d}"
+    digits = 3 if abs(value) < 10 else 2 if abs(value) < 100 else 1
+    rounded = math.floor(value * 10**digits + 0.5) / 10**digits  # JavaScript's Math.round
+    return str(int(rounded)) if rounded == int(rounded) else repr(rounded)
 
 
 @pytest.mark.server
@@ -300,9 +348,10 @@ def test_matrix_report_written_and_logged_to_parent(matrix: Matrix) -> None:
 
 @pytest.mark.server
 def test_compare_view_runs_table_and_version_page(matrix: Matrix, tmp_path: Path) -> None:
-    metric = "candidate.qg_cloze.acc"
+    metric = "gate.qg_ppl.word_perplexity.delta"  # a gated check's worsening, one value per recipe
     fp8, sq = matrix.children["fp8"], matrix.children["int8_sq"]
     values = [_ui_number(r.data.metrics[metric]) for r in (fp8, sq)]
+    row = sorted(set(fp8.data.metrics) | set(sq.data.metrics)).index(metric)
     names = [r.data.tags["mlflow.runName"] for r in (fp8, sq)]
     for run, name in zip((fp8, sq), ("fp8", "int8_sq"), strict=True):
         assert run.data.tags["mlflow.runName"] == f"{name} [{matrix.outcomes[name]['decision']}]"
@@ -310,23 +359,29 @@ def test_compare_view_runs_table_and_version_page(matrix: Matrix, tmp_path: Path
     ids = json.dumps([fp8.info.run_id, sq.info.run_id]).replace(" ", "")
     compare = f"{matrix.url}/#/compare-runs?runs={ids}&experiments={json.dumps([matrix.experiment_id])}"
     table = f"{matrix.url}/#/experiments/{matrix.experiment_id}/runs{UI_QUERY}"
-    version = matrix.children["fp8"]  # registered first: version 1
+    assert matrix.client.get_model_version(matrix.model, "1").run_id == fp8.info.run_id  # registered first
     decision = matrix.outcomes["fp8"]["decision"]
     version_page = f"{matrix.url}/#/models/{matrix.model}/versions/1{UI_QUERY}"
     reason_start = matrix.outcomes["fp8"]["reason"][:40]
+    closing = "Deciding check" if decision != "PASS" else "Every gated check passed"
     compare_shot = Path(tempfile.gettempdir()) / "quantgate_ui_compare.png"
     version_shot = Path(tempfile.gettempdir()) / "quantgate_ui_version.png"
+    runs_shot = Path(tempfile.gettempdir()) / "quantgate_ui_runs.png"
     with chromium(tmp_path) as devtools:
-        compare_text, table_text, version_text = asyncio.run(
+        _, compare_text, _, table_text, _, _ = asyncio.run(
             _visit(
                 devtools,
                 [
-                    (compare, [*names, metric, *values], compare_shot),
-                    (table, names, None),
-                    (version_page, [f"{decision} (exit", reason_start, "Deciding check" if decision != "PASS" else "Every gated check passed"], version_shot),
+                    (compare, [*names, "Metrics"], None),
+                    ("js:" + SHOW_ROW % row, [metric, *values], compare_shot),
+                    (table, ["matrix: fp8, int8_sq ["], None),
+                    ("js:" + EXPAND_PARENT, names, runs_shot),
+                    (version_page, [f"{decision} (exit", reason_start, closing, "results/report.html"], version_shot),
+                    # The description's link opens the run's report in the artifact viewer.
+                    ("js:" + OPEN_REPORT_LINK, ["candidate_results.json", "junit.xml"], None),
                 ],
             )
         )
-    assert version.info.run_id and "gate." in compare_text  # the gate's deltas sit beside the metrics
-    print(f"\ncompare view: {compare_shot}\nversion page: {version_shot}")
+    assert table_text.index("matrix: fp8, int8_sq [") < min(table_text.index(n) for n in names)  # nested under it
+    print(f"\ncompare view: {compare_shot}\nruns table: {runs_shot}\nversion page: {version_shot}")
     assert compare_shot.stat().st_size > 10_000 and version_shot.stat().st_size > 10_000

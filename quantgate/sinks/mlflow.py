@@ -60,7 +60,9 @@ def description_markdown(run: Run) -> str:
     verdict = run.get("verdict") if "verdict" in run.values else None
     lines = [f"**{o.decision}** (exit {o.exit_code}): {o.reason}", ""]
     if verdict is not None:
-        deciding = [c for c in verdict.checks if c.gated and c.status != "pass"] or [c for c in verdict.checks if c.gated][:3]
+        # The failing gated checks; on a pass, the quality checks (not the comparability ones).
+        deciding = [c for c in verdict.checks if c.gated and c.status != "pass"] or [
+            c for c in verdict.checks if c.gated and c.kind in ("metric", "golden")] or [c for c in verdict.checks if c.gated][:3]
         if deciding:
             lines += ["| check | worsening | upper bound | limit | status |", "|---|---|---|---|---|"]
             from quantgate.report import ci_text, limit_text
