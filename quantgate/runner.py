@@ -401,8 +401,31 @@ def run_recipes(recipes: list[tuple[Recipe, str]], *, fresh: bool = False) -> li
         return [run_recipe(recipe, source, fresh=fresh, baseline_memo=memo)]
     parent = MatrixParent(recipes[0][0], [r.name for r, _ in recipes])
     outcomes = [run_recipe(recipe, source, fresh=fresh, baseline_memo=memo, parent=parent) for recipe, source in recipes]
-    parent.close(outcomes, matrix_table(outcomes))
+    report = _matrix_report(Path(recipes[0][0].output_dir), outcomes)
+    if report is not None:
+        log.info("matrix report: %s", report)
+    parent.close(outcomes, matrix_table(outcomes), report)
     return outcomes
+
+
+def matrix_dir_for(output_dir: Path, outcomes: list[RecipeOutcome]) -> Path:
+    """One folder per set of recipes and run directories: the same matrix rewrites its report,
+    another matrix (other recipes, or a recipe whose artifact changed) gets its own."""
+    return output_dir / f"matrix-{_key([(o.recipe, Path(o.run_dir).name) for o in outcomes])[:10]}"
+
+
+def _matrix_report(output_dir: Path, outcomes: list[RecipeOutcome]) -> Path | None:
+    """The matrix's HTML report (a diagnostic: a report that cannot be drawn never fails the run)."""
+    run_dirs = [Path(o.run_dir) for o in outcomes if o.run_dir and Path(o.run_dir).is_dir()]
+    if not run_dirs:
+        return None
+    try:
+        from quantgate.reports.html import write_matrix_report
+
+        return write_matrix_report(run_dirs, matrix_dir_for(output_dir, outcomes))
+    except Exception as err:
+        log.warning("matrix HTML report not written: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return None
 
 
 def matrix_table(outcomes: list[RecipeOutcome]) -> str:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from quantgate.sinks import Sink, settings_key
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from quantgate.recipe import Recipe
     from quantgate.runner import RecipeOutcome, Run
 
@@ -57,7 +59,9 @@ def description_markdown(run: Run) -> str:
     verdict = run.get("verdict") if "verdict" in run.values else None
     lines = [f"**{o.decision}** (exit {o.exit_code}): {o.reason}", ""]
     if verdict is not None:
-        deciding = [c for c in verdict.checks if c.gated and c.status != "pass"] or [c for c in verdict.checks if c.gated][:3]
+        # The failing gated checks; on a pass, the quality checks (not the comparability ones).
+        deciding = [c for c in verdict.checks if c.gated and c.status != "pass"] or [
+            c for c in verdict.checks if c.gated and c.kind in ("metric", "golden")] or [c for c in verdict.checks if c.gated][:3]
         if deciding:
             lines += ["| check | worsening | upper bound | limit | status |", "|---|---|---|---|---|"]
             from quantgate.report import ci_text, limit_text
@@ -66,9 +70,15 @@ def description_markdown(run: Run) -> str:
                 delta = "-" if c.delta is None else f"{c.delta:+.4g}"
                 lines.append(f"| {c.name} | {delta} | {ci_text(c)} | {limit_text(c.limit)} | {c.status} |")
             lines.append("")
+            first = deciding[0]
+            closing = f"Deciding check: `{first.name}` ({first.status})." if first.status != "pass" else "Every gated check passed."
+            lines.append(closing)
+            lines.append("")
     size = f"{o.checkpoint_bytes / 1e6:.1f} MB" if o.checkpoint_bytes else "-"
     lines.append(f"Recipe `{run.recipe.name}`, format `{o.format}`, checkpoint {size}, baseline cache {o.baseline_cache or '-'}.")
-    lines.append("Full report: artifact `results/report.html`; verdict table: `results/verdict.txt`.")
+    link = report_link(run)
+    report = f"[results/report.html]({link})" if link else "artifact `results/report.html`"
+    lines.append(f"Full report: {report}; verdict table: artifact `results/verdict.txt`.")
     return "\n".join(lines)
 
 
@@ -94,6 +104,21 @@ def log_dataset_inputs(tracker: Any, results: Any) -> None:
         tracker.client.log_inputs(tracker.run_id, datasets=inputs)
 
 
+def report_link(run: Run) -> str | None:
+    """A link to the run's report in the MLflow UI, relative to the UI's own address (a hash route,
+    so it works on the run and the model-version page, behind any host or prefix)."""
+    run_id = run.outcome.mlflow_run_id
+    if not run_id:
+        return None
+    try:
+        from quantgate.tracking import _mlflow_client, resolve_tracking_uri
+
+        experiment_id = _mlflow_client(resolve_tracking_uri(run.recipe.tracking)).get_run(run_id).info.experiment_id
+    except Exception:  # the run page alone still leads there (Artifacts tab)
+        return f"#/runs/{run_id}"
+    return f"#/experiments/{experiment_id}/runs/{run_id}/artifactPath/results/report.html"
+
+
 class MatrixParent:
     """The parent MLflow run of a matrix, opened only when a child has something to record."""
 
@@ -110,16 +135,45 @@ class MatrixParent:
             self.tracker = RunTracker(self.recipe.tracking, "matrix: " + ", ".join(self.names), tags={"quantgate.matrix": "true", **version_tags()}).start()
         return self.tracker.run_id
 
-    def close(self, outcomes: list[RecipeOutcome], table: str) -> None:
-        if self.tracker is None:
+    def close(self, outcomes: list[RecipeOutcome], table: str, report: Path | None = None) -> None:
+        """Summarise the children on the parent: verdicts in its name, tags and description, the
+        matrix table, and the matrix HTML report with its images under results/."""
+        if self.tracker is None:  # nothing ran: every child was complete on disk, nothing to add
             return
         try:
-            self.tracker.set_tags({"quantgate.verdicts": ", ".join(f"{o.recipe}={o.decision}" for o in outcomes)})
+            from quantgate.runner import worst
+
+            worst_code = worst([o.exit_code for o in outcomes])
+            decision = next((o.decision for o in outcomes if o.exit_code == worst_code), "ERROR")
+            verdicts = ", ".join(f"{o.recipe}={o.decision}" for o in outcomes)
+            self.tracker.set_tags({
+                "quantgate.verdicts": verdicts, "quantgate.verdict": decision,
+                "mlflow.runName": f"matrix: {', '.join(self.names)} [{decision}]",
+                "mlflow.note.content": matrix_markdown(outcomes, table, report is not None),
+            })
             self.tracker.log_metrics({f"{o.recipe}.exit_code": o.exit_code for o in outcomes})
             self.tracker.log_text(table, "matrix.txt")
+            if report is not None:
+                from quantgate.reports.html import matrix_images
+
+                self.tracker.log_artifact(report, "results")
+                for image in matrix_images(report.parent):
+                    self.tracker.log_artifact(image, "results")
             self.tracker.end("FINISHED")
         except Exception as err:  # the children hold the record; the parent is a summary
             log.warning("could not close the matrix's MLflow run: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+def matrix_markdown(outcomes: list[RecipeOutcome], table: str, with_report: bool) -> str:
+    """The parent run's description: each recipe's verdict, then the matrix table."""
+    lines = ["| recipe | format | verdict | reason |", "|---|---|---|---|"]
+    for o in outcomes:
+        reason = (o.reason[:157] + "...") if len(o.reason) > 160 else o.reason
+        lines.append(f"| {o.recipe} | {o.format} | **{o.decision}** | {reason.replace('|', '/')} |")
+    lines += ["", "```", table, "```"]
+    if with_report:
+        lines.append("Size-vs-quality report: artifact `results/matrix_report.html` (plot: `results/matrix_scatter.png`).")
+    return "\n".join(lines)
 
 
 class MlflowSink(Sink):
