@@ -107,7 +107,8 @@ def test_two_runs_of_one_run_directory_at_once_register_once(ws):
     before = _versions(_uri(ws))
     procs = []
     for _ in range(2):
-        procs.append(subprocess.Popen(args, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {**__import__("os").environ, "QUANTGATE_CACHE": str(ws / "qg_cache")}
+        procs.append(subprocess.Popen(args, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
         time.sleep(0.5)
     results = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
