@@ -220,12 +220,12 @@ def preflight(recipe: Recipe, *, longest_prompt_tokens: int | None = None) -> Pr
             f"engine.max_seq_len) to at least {longest_prompt_tokens}, or shorten the suite"
         )
 
-    if eng.backend == "tensorrt-llm":
-        report = _preflight_trtllm(recipe, fmt)
-    elif eng.backend == "torch":
-        report = _preflight_torch(recipe, fmt)
-    else:
-        raise PreflightError(f"engine.backend={eng.backend!r} has no preflight; known: torch, tensorrt-llm")
+    from quantgate.engines import backend_preflight
+
+    try:
+        report = backend_preflight(recipe, fmt)
+    except KeyError as err:  # unknown backend: the registry's did-you-mean line
+        raise PreflightError(f"engine.backend: {err.args[0]}") from None
 
     desc = f"format: {fmt.name} ({fmt.description})"
     if q.kv_cache != "none":
@@ -325,7 +325,8 @@ def _check_memory_torch(report: PreflightReport, recipe: Recipe) -> None:
         raise PreflightError(plan.refusal)
 
 
-def _preflight_torch(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
+def preflight_torch(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
+    """The torch backend's own checks (engines/torch_engine.py `preflight` calls this)."""
     eng, q = recipe.engine, recipe.quantization
     if q.kv_cache != "none":
         raise PreflightError(
@@ -352,7 +353,8 @@ def _preflight_torch(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
     return report
 
 
-def _preflight_trtllm(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
+def preflight_trtllm(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
+    """TensorRT-LLM's own checks (engines/tensorrt_llm.py `preflight` calls this)."""
     from quantgate.engines import trtllm_legacy
     from quantgate.engines.tensorrt_llm import resolve_score_mode, resolve_trtllm_path
     from quantgate.errors import StageError

@@ -5,7 +5,7 @@ the backend's own business, as module-level functions the run asks for by name:
   identity(recipe) -> dict        what changes its scores (device, dtype, version, scoring
                                   method): part of the baseline cache key and the stage keys
   extra_stages(recipe) -> [Stage] stages it needs in the plan (e.g. TensorRT-LLM's legacy export)
-Preflight checks per backend live in quantgate/preflight.py.
+  preflight(recipe, fmt) -> PreflightReport   what runs where, refusals before any work
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ def backend_stages(recipe: Recipe) -> list[Stage]:
     """Extra stages the backend contributes to a quantized recipe's plan (before `export`)."""
     fn = getattr(_backend_module(recipe.engine.backend), "extra_stages", None)
     return list(fn(recipe)) if fn else []
+
+
+def backend_preflight(recipe: Recipe, fmt: Any) -> Any:
+    """The backend's preflight report (quantgate/preflight.py adds what every backend shares)."""
+    return _backend_module(recipe.engine.backend).preflight(recipe, fmt)
 
 
 def load_engine(checkpoint: Checkpoint, spec: EngineSpec) -> Engine:

@@ -558,3 +558,10 @@ def extra_stages(recipe: Any) -> list[Any]:
     if fmt.quantized and resolve_trtllm_path(recipe.engine.trtllm_path, fmt) == "legacy":
         return [_legacy_export_stage()]
     return []
+
+
+def preflight(recipe: Any, fmt: Any) -> Any:
+    """This backend's checks before any work (see engines/__init__.py)."""
+    from quantgate.preflight import preflight_trtllm
+
+    return preflight_trtllm(recipe, fmt)

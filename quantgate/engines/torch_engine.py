@@ -466,3 +466,10 @@ class TorchEngine(Engine):
         self.model = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def preflight(recipe: Any, fmt: Any) -> Any:
+    """This backend's checks before any work (see engines/__init__.py)."""
+    from quantgate.preflight import preflight_torch
+
+    return preflight_torch(recipe, fmt)
