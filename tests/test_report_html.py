@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from quantgate.pipeline import RecipeOutcome, write_item_jsonl
 
 from quantgate.artifacts import CalibrationInfo, Checkpoint
 from quantgate.errors import ExitCode
@@ -38,6 +37,8 @@ from quantgate.reports import (
 from quantgate.reports import html as report_html
 from quantgate.reports.rundata import compare_task, load_run
 from quantgate.rundir import atomic_write_json, atomic_write_text
+from quantgate.runner import RecipeOutcome
+from quantgate.sinks.files import write_item_jsonl
 
 FACTS = {"backend": "torch", "device_type": "cpu", "lm_eval_version": "0.4.13", "tokenizer_hash": "abc123"}
 NASTY = "</td><script>alert('x')</script> & <b>bold</b>"
@@ -426,8 +427,10 @@ def test_report_of_real_pipeline_runs(tmp_path, tiny_model_dir):
     proc = subprocess.run([sys.executable, "-m", "quantgate.cli", "run", "fp16.yaml", "fp8.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    dirs = sorted((tmp_path / "runs").iterdir())
-    assert [d.name.split("-")[0] for d in dirs] == ["fp16", "fp8"]
+    everything = sorted((tmp_path / "runs").iterdir())
+    assert [d.name.split("-")[0] for d in everything] == ["fp16", "fp8", "matrix"]
+    assert (everything[-1] / "matrix_report.html").is_file()  # the run's own matrix report
+    dirs = everything[:2]
     for d in dirs:
         text = write_run_report(d).read_text(encoding="utf-8")
         run = load_run(d)
