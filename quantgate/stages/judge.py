@@ -119,9 +119,10 @@ class Judge(Stage):
         from quantgate.gate import judge
 
         verdict = judge(baseline.results, candidate, golden, ctx.recipe.gate)
-        if self.candidate_is_baseline and verdict.decision == Decision.PASS:
-            # Comparing an artifact with itself gives zero deltas by construction: say so instead
-            # of showing statistics. Problems found above (errors, non-finite values) still decide.
+        if self.candidate_is_baseline and verdict.decision != Decision.ERROR:
+            # Comparing an artifact with itself gives zero deltas by construction (at a small n
+            # the intervals alone could even read INCONCLUSIVE): say so instead of showing
+            # statistics. Errors found above (non-finite values, missing tasks) still decide.
             verdict = Verdict(
                 decision=Decision.PASS, confidence=verdict.confidence, power=verdict.power,
                 reason="PASS: the candidate is the baseline artifact itself (16-bit export, no quantization); nothing was compared",
