@@ -218,7 +218,11 @@ def test_check_inputs_reads_headers_of_the_bundled_model_and_refuses_short_data(
     huge = good.model_copy(update={"calibration": good.calibration.model_copy(update={"num_samples": 4096, "seq_len": 4096})})
     with pytest.raises(RecipeError) as err:
         pf.check_inputs(huge, "r.yaml")
-    assert err.value.exit_code == ExitCode.BAD_INPUT and "bundled:pydoc" in str(err.value) and "at most" in str(err.value)
+    # Counted exactly with the converted model's tokenizer.json once the GGUF was converted (an
+    # earlier test or run did it), else bounded by the UTF-8 bytes: the refusal holds either way.
+    msg = str(err.value)
+    assert err.value.exit_code == ExitCode.BAD_INPUT and "bundled:pydoc" in msg
+    assert "at most" in msg or "tokens with the model's tokenizer" in msg
     # A 16-bit recipe does not calibrate: its calibration data is not checked.
     pf.check_inputs(Recipe.model_validate({"name": "t", "quantization": {"format": "fp16"},
                                            "calibration": {"num_samples": 4096, "seq_len": 4096}}), "r.yaml")

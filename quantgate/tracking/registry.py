@@ -232,6 +232,22 @@ def register_checkpoint(
         raise tracking_failure(uri, f"registering {promotion.registered_model!r}", err) from err
 
 
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str, attempts: int = 5) -> None:
+    """Point `alias` at `version`. Two processes moving one alias at once can collide on the store's
+    unique key (MLflow's server does read-then-insert; seen on PostgreSQL): try again, last wins."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except Exception as err:
+            text = str(err)
+            if attempt == attempts - 1 or not any(s in text for s in ("UniqueViolation", "unique constraint", "UNIQUE constraint", "IntegrityError")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _register(
     client: MlflowClient,
     run_id: str,
@@ -281,10 +297,10 @@ def _register(
                             run_key, winner, version)
                 client.delete_model_version(name, version)
                 version = winner
-    client.set_registered_model_alias(name, CANDIDATE_ALIAS, version)
+    _set_alias(client, name, CANDIDATE_ALIAS, version)
     aliases = [CANDIDATE_ALIAS]
     if passed:
-        client.set_registered_model_alias(name, promotion.alias, version)
+        _set_alias(client, name, promotion.alias, version)
         client.set_model_version_tag(name, version, "quantgate.promoted_to", promotion.alias)
         aliases.append(promotion.alias)
     client.set_tag(run_id, TAG_REGISTERED_MODEL, name)
