@@ -2,7 +2,11 @@
 directory, with a small byte-level tokenizer (trained here), for GPU stage-time and memory runs.
 Speed and memory do not depend on the weights' values; quality numbers from it mean nothing.
 
-    python bench/build_random_model.py OUT_DIR [--shape llama-3.2-1b|llama-3.1-8b]
+    python bench/build_random_model.py OUT_DIR [--shape llama-3.2-1b|llama-3.1-8b] [--tokenizer HF_DIR]
+
+--tokenizer copies a real BPE tokenizer (e.g. the converted SmolLM2 directory in the quantgate
+cache) so that benchmark texts become as many tokens as with a real model; the small byte-level
+default makes prompts about 4x longer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    ap.add_argument("--tokenizer", type=Path, help="an HF directory whose tokenizer to copy")
     args = ap.parse_args()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,7 +36,15 @@ def main() -> None:
     from tiny import build_tokenizer
 
     out = Path(args.out)
-    tok = build_tokenizer(out)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tok.save_pretrained(out)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+    else:
+        tok = build_tokenizer(out)
     cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=8192, architectures=["LlamaForCausalLM"],
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)

@@ -4,6 +4,9 @@ backend (`--model hf`), on the same standard tasks, model and hardware.
 Both sides run lm-eval's `simple_evaluate` on the same offline task YAMLs (standard_tasks.py) and
 the same in-memory model (SmolLM2-135M, its 16-bit weights computed in fp32, as the torch engine
 runs the exported baseline on CPU); only the `model=` differs. Repeats alternate the order.
+quantgate's side is its evaluation path: every prompt's length is checked before the run (one
+more build of the requests, as `evaluate_tasks` does), Jinja templates compiled once, contexts
+shared, continuations scored in one vocab projection per batch.
 Reports wall time per side, the ratio (target: quantgate <= 0.7x lm-eval) with its spread, and
 tokens through the model: counted by the adapter for quantgate; for lm-eval, counted from the
 requests the way HFLM runs them (each (context, continuation) on its own, except that HFLM runs
@@ -16,6 +19,7 @@ generation).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -71,11 +75,12 @@ def hf_tokens(out: dict[str, Any], tok: Any) -> int:
 
 def run_once(kind: str, model: Any, tok: Any, tasks: dict[str, int], dirs: list[str], batch_size: int, device: str) -> dict[str, Any]:
     import lm_eval
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     from quantgate.engines.base import EngineLimits
     from quantgate.engines.torch_engine import TorchEngine
-    from quantgate.evaluation.lm_eval_adapter import QuantgateLM
+    from quantgate.evaluation.lm_eval_adapter import QuantgateLM, compiled_templates
+    from quantgate.evaluation.suites import _request_lengths
 
     lm: Any
     args = None
@@ -88,8 +93,11 @@ def run_once(kind: str, model: Any, tok: Any, tasks: dict[str, int], dirs: list[
     for name, limit in tasks.items():  # lm-eval's `limit` is one number per call
         tm = TaskManager(include_path=dirs, include_defaults=False)
         t0 = time.perf_counter()
-        out = lm_eval.simple_evaluate(model=lm, model_args=args, tasks=[name], task_manager=tm, limit=limit, log_samples=True,
-                                      bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        with compiled_templates() if kind == "quantgate" else contextlib.nullcontext():
+            if kind == "quantgate":  # as evaluate_tasks: every prompt's length is checked first
+                _request_lengths(tok, get_task_dict([name], tm), limit)
+            out = lm_eval.simple_evaluate(model=lm, model_args=args, tasks=[name], task_manager=tm, limit=limit, log_samples=True,
+                                          bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         dt = time.perf_counter() - t0
         n_tok = lm.stats[name].tokens if kind == "quantgate" else hf_tokens(out, tok)
         wall += dt

@@ -28,6 +28,7 @@ from quantgate.engines.base import (
     ScoreResult,
     trim_at_stop,
 )
+from quantgate.engines.torch_prefix import score_segments
 from quantgate.errors import StageError
 
 if TYPE_CHECKING:
@@ -377,17 +378,10 @@ class TorchEngine(Engine):
                 ids[row, : len(req.token_ids)] = torch.tensor(req.token_ids)
                 mask[row, : len(req.token_ids)] = 1
             hidden, head = self._hidden_and_head(ids.to(self.device), mask.to(self.device))
-            for row, (i, req) in enumerate(zip(idx, batch, strict=True)):
-                n = len(req.token_ids)
-                # position t-1 predicts token t; the vocab projection runs only where scored
-                lp = torch.log_softmax(head(hidden[row, req.start - 1 : n - 1]).float(), dim=-1)
-                target = torch.tensor(req.token_ids[req.start :], device=lp.device)
-                tok_lp = lp.gather(1, target[:, None]).squeeze(1)
-                greedy = lp.argmax(dim=-1) == target
-                res = ScoreResult(tok_lp.tolist(), greedy.tolist())
-                if top_k:
-                    top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-                    res.top_ids, res.top_logprobs = top.indices.tolist(), top.values.tolist()
+            # position t-1 predicts token t; the vocab projection runs only where scored, once per batch
+            segments = [hidden[row, req.start - 1 : len(req.token_ids) - 1] for row, req in enumerate(batch)]
+            scored = score_segments(head, segments, [req.token_ids[req.start :] for req in batch], top_k)
+            for i, res in zip(idx, scored, strict=True):
                 results[i] = res
         return results  # type: ignore[return-value]
 

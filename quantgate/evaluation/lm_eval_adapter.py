@@ -21,10 +21,12 @@ with one line (StageError) before anything is scored.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +85,21 @@ class TokenEncoder:
             kwargs["add_special_tokens"] = False  # HFLM: do not add a second BOS
         return list(self.tokenizer.encode(string, **kwargs))
 
+    def encode_many(self, strings: Sequence[str]) -> dict[str, list[int]]:
+        """`encode` of many strings in one tokenizer call per special-token setting (same ids:
+        the fast tokenizer encodes each string alone). One call per string cost ~0.3 ms of
+        Python each: 70 s for the standard suite's 220k strings on 2 cores."""
+        unique = list(dict.fromkeys(strings))
+        out: dict[str, list[int]] = {}
+        plain = [x for x in unique if not (self._prefix_text and x.startswith(self._prefix_text))]
+        prefixed = [x for x in unique if self._prefix_text and x.startswith(self._prefix_text)]
+        for group, special in ((plain, True), (prefixed, False)):
+            for start in range(0, len(group), 4096):
+                chunk = group[start : start + 4096]
+                ids = self.tokenizer(chunk, add_special_tokens=special)["input_ids"]
+                out.update(zip(chunk, (list(x) for x in ids), strict=True))
+        return out
+
     def encode_generation_context(self, string: str) -> list[int]:
         # HFLM.tok_batch_encode checks the BOS *string* (not the prefix token's text).
         bos = getattr(self.tokenizer, "bos_token", None)
@@ -92,18 +109,27 @@ class TokenEncoder:
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """TemplateLM.loglikelihood + _encode_pair for a causal model."""
-        if context == "":
-            cont = self.encode(continuation, add_special_tokens=False)
-            if cont and cont[0] == self.prefix_token_id:
-                return cont[:1], cont[1:]
-            return [self.prefix_token_id], cont
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces > 0:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        return ctx, whole[len(ctx) :]
+        return self.encode_pairs([(context, continuation)])[0]
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """`encode_pair` of many (context, continuation) pairs, batched through `encode_many`."""
+        split: list[tuple[str, str]] = []
+        for context, continuation in pairs:
+            n_spaces = len(context) - len(context.rstrip())
+            if context and n_spaces > 0:
+                continuation = context[-n_spaces:] + continuation
+                context = context[:-n_spaces]
+            split.append((context, continuation))
+        ids = self.encode_many([s for c, x in split if c for s in (c + x, c)])
+        out: list[tuple[list[int], list[int]]] = []
+        for context, continuation in split:
+            if context == "":
+                cont = self.encode(continuation, add_special_tokens=False)
+                out.append((cont[:1], cont[1:]) if cont and cont[0] == self.prefix_token_id else ([self.prefix_token_id], cont))
+                continue
+            whole, ctx = ids[context + continuation], ids[context]
+            out.append((ctx, whole[len(ctx) :]))
+        return out
 
     def rolling_windows(self, string: str, max_length: int) -> list[tuple[list[int], list[int]]]:
         return [
@@ -224,7 +250,7 @@ class QuantgateLM(LM):
 
     # -- lm-eval API -------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [self.encoder.encode_pair(*req.args) for req in requests]
+        pairs = self.encoder.encode_pairs([req.args for req in requests])
         self._fail_if_too_long(
             "log-likelihood requests (context + continuation)",
             [(req.task_name or "?", len(c) + len(x)) for req, (c, x) in zip(requests, pairs, strict=True)],
@@ -374,12 +400,28 @@ def _common_prefix(seqs: list[list[int]]) -> list[int]:
 def encode_lengths_for_requests(encoder: TokenEncoder, instances: Sequence[Any]) -> list[tuple[str, str, int]]:
     """(task, request_type, engine sequence length) of each non-rolling request; rolling requests
     are chunked into windows by design and so never exceed the limit."""
-    out = []
+    ll = [inst for inst in instances if inst.request_type == "loglikelihood"]
+    out = [(inst.task_name or "?", "loglikelihood", len(c) + len(x)) for inst, (c, x) in zip(ll, encoder.encode_pairs([inst.args for inst in ll]), strict=True)]
     for inst in instances:
-        rtype = inst.request_type
-        if rtype == "loglikelihood":
-            c, x = encoder.encode_pair(*inst.args)
-            out.append((inst.task_name or "?", rtype, len(c) + len(x)))
-        elif rtype == "generate_until":
-            out.append((inst.task_name or "?", rtype, len(encoder.encode_generation_context(inst.args[0]))))
+        if inst.request_type == "generate_until":
+            out.append((inst.task_name or "?", "generate_until", len(encoder.encode_generation_context(inst.args[0]))))
     return out
+
+
+@contextlib.contextmanager
+def compiled_templates() -> Iterator[None]:
+    """lm-eval renders every prompt with `utils.apply_template`, which compiles its Jinja
+    template anew for each document (about 1.2 ms each: 130 s of the standard suite's 110k
+    requests on 2 cores). Within this block a template string is compiled once; the text
+    rendered is the same."""
+    original = lm_utils.apply_template
+    compile_once = functools.lru_cache(maxsize=4096)(lm_utils.env.from_string)
+
+    def apply_template(template: str, doc: dict[str, Any]) -> str:
+        return compile_once(template).render(**doc)
+
+    lm_utils.apply_template = apply_template
+    try:
+        yield
+    finally:
+        lm_utils.apply_template = original

