@@ -66,7 +66,7 @@ class Calibrate(Stage):
             import_clean("modelopt.torch.quantization")
         if device == "cuda":
             with ctx.clock.stage("modelopt_cuda_extensions"):
-                warm_up_modelopt_cuda(fmt, recipe.quantization)
+                warm_up_modelopt_cuda(fmt, recipe.quantization, torch_dtype(recipe.model.dtype))
         # CPU: calibrate in float32 (fast, exact fake-quant) and cast to 16-bit at export.
         dtype = torch_dtype(recipe.model.dtype) if device == "cuda" else torch_dtype("float32")
         with ctx.clock.stage("load_model"):
@@ -79,14 +79,21 @@ class Calibrate(Stage):
         return {"file": "calibration.json", "seconds": value.info.seconds, "sha256": value.info.content_sha256}
 
 
-def warm_up_modelopt_cuda(fmt: Any, quantization: Any) -> None:
-    """Quantize a two-layer toy on the GPU with the format's config, so ModelOpt compiles (or
-    loads from TORCH_EXTENSIONS_DIR) the CUDA extensions it needs before the real calibration."""
+def warm_up_modelopt_cuda(fmt: Any, quantization: Any, dtype: Any = None) -> None:
+    """Quantize a two-layer toy on the GPU with the format's config and run it once quantized,
+    in the model's dtype, so ModelOpt compiles (or loads from TORCH_EXTENSIONS_DIR) the CUDA
+    extensions it needs here and not in a later stage. Calibration alone does not: on the H200
+    the FP8 extension (modelopt_cuda_ext_fp8) was first loaded by the probe's first quantized
+    forward, 44 s of a 64 s probe."""
     import modelopt.torch.quantization as mtq
     import torch
 
-    toy = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)).cuda()
-    mtq.quantize(toy, fmt.build_modelopt_config(quantization), lambda m: m(torch.randn(4, 256, device="cuda")))
+    dtype = dtype or torch.float32
+    toy = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)).to("cuda", dtype)
+    x = torch.randn(4, 256, device="cuda", dtype=dtype)
+    mtq.quantize(toy, fmt.build_modelopt_config(quantization), lambda m: m(x))
+    with torch.no_grad():
+        toy(x)
     del toy
     release_memory()
 
