@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantgate.engines.base import ScoreRequest
+from quantgate.engines.base import Generation, ScoreRequest
 from quantgate.errors import StageError
 from quantgate.evaluation.results import GoldenOutput, GoldenRecord, GoldenSummary
 
@@ -78,8 +78,10 @@ def _golden_prompts(spec: EvaluationSpec) -> list[dict[str, str]]:
 # ---- running -------------------------------------------------------------------------------------
 
 
-def run_golden(engine: Engine, spec: EvaluationSpec, *, reference: list[GoldenOutput] | None) -> list[GoldenOutput]:
-    """Greedy outputs of every golden prompt, teacher-forced along `reference` (None: own output)."""
+def run_golden(engine: Engine, spec: EvaluationSpec, *, reference: list[GoldenOutput] | None, generate: bool = True) -> list[GoldenOutput]:
+    """Greedy outputs of every golden prompt, teacher-forced along `reference` (None: own output).
+    generate=False (needs `reference`): teacher-forced scores only; each output is the
+    reference's, as nothing was generated."""
     from tqdm import tqdm
 
     prompts = _golden_prompts(spec)
@@ -89,13 +91,18 @@ def run_golden(engine: Engine, spec: EvaluationSpec, *, reference: list[GoldenOu
     ids = [encode_prompt(engine.tokenizer, p["prompt"]) for p in prompts]
     gcfg = spec.golden
     t0 = time.perf_counter()
-    gens = []
-    step = engine.limits.max_batch_size
-    bar = tqdm(total=len(ids), desc="golden: generate", disable=not _progress(), leave=False)
-    for b in range(0, len(ids), step):
-        gens += engine.generate(ids[b : b + step], gcfg.max_new_tokens)
-        bar.update(min(step, len(ids) - b))
-    bar.close()
+    if not generate and ref_by_id is None:
+        raise ValueError("run_golden(generate=False) needs a reference")
+    gens: list[Generation] = []
+    if generate:
+        step = engine.limits.max_batch_size
+        bar = tqdm(total=len(ids), desc="golden: generate", disable=not _progress(), leave=False)
+        for b in range(0, len(ids), step):
+            gens += engine.generate(ids[b : b + step], gcfg.max_new_tokens)
+            bar.update(min(step, len(ids) - b))
+        bar.close()
+    else:
+        gens = [Generation(list(ref_by_id[p["id"]].output_ids), ref_by_id[p["id"]].output_text, "reference") for p in prompts]  # type: ignore[index]
     t_gen = time.perf_counter() - t0
 
     outputs: list[GoldenOutput] = []
@@ -119,8 +126,11 @@ def run_golden(engine: Engine, spec: EvaluationSpec, *, reference: list[GoldenOu
         out.ref_top_ids = [list(x) for x in res.top_ids or []]
         out.ref_top_logprobs = [list(x) for x in res.top_logprobs or []]
     n_tok = sum(len(o.output_ids) for o in outputs)
-    log.info("golden: %d prompts, %d tokens generated in %.1f s (%.1f tokens/s), teacher-forced scoring %.1f s",
-             len(outputs), n_tok, t_gen, n_tok / t_gen if t_gen else 0.0, time.perf_counter() - t1)
+    if generate:
+        log.info("golden: %d prompts, %d tokens generated in %.1f s (%.1f tokens/s), teacher-forced scoring %.1f s",
+                 len(outputs), n_tok, t_gen, n_tok / t_gen if t_gen else 0.0, time.perf_counter() - t1)
+    else:
+        log.info("golden: %d prompts, teacher-forced along the reference's %d tokens in %.1f s", len(outputs), n_tok, time.perf_counter() - t1)
     return outputs
 
 
