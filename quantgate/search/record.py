@@ -107,6 +107,7 @@ def tag_children(result: SearchResult, recipe: Recipe) -> None:
 def close_parent(parent: SearchParent, result: SearchResult, table: str, out_dir: Path) -> None:
     """Summarise the search on its parent run: verdict in the name, tags, the table, the summary files."""
     if parent.tracker is None:  # every candidate was complete on disk: no parent run was needed
+        _close_stale_parent(parent)
         return
     result.mlflow_parent_run_id = parent.tracker.run_id
     try:
@@ -125,3 +126,18 @@ def close_parent(parent: SearchParent, result: SearchResult, table: str, out_dir
         t.end("FINISHED")
     except Exception as err:
         log.warning("could not close the search's MLflow run: %s", _first_line(err))
+
+
+def _close_stale_parent(parent: SearchParent) -> None:
+    """A killed attempt's parent run, left RUNNING, when no new parent was opened to replace it."""
+    state = parent.out_dir / STATE
+    if not (parent.recipe.tracking.enabled and state.is_file()):
+        return
+    try:
+        from quantgate.tracking import close_interrupted_run, resolve_tracking_uri
+
+        previous = json.loads(state.read_text()).get("run_id")
+        if previous:
+            close_interrupted_run(resolve_tracking_uri(parent.recipe.tracking), previous, "none (every candidate was complete on disk)")
+    except Exception as err:
+        log.warning("could not close the earlier search run: %s", _first_line(err))
