@@ -294,3 +294,26 @@ def test_search_end_to_end_early_stop_confirmation_registration_and_resume(tmp_p
     assert again.stderr.count("reporting the stored outcome") == 2
     assert not any(f"{stage}: start" in again.stderr for stage in ("calibrate", "export", "evaluate", "gate"))
     assert len(client.search_model_versions("name='tiny-search'")) == 1
+
+
+def test_summary_without_a_winner_exits_with_the_most_informative_code(tmp_path):
+    from quantgate.search.model import CandidateRow, SearchResult
+    from quantgate.search.report import SEARCH_HTML, SEARCH_JSON, search_table, write_summary
+    from quantgate.search.spec import SearchSpec
+
+    spec = SearchSpec(name="s", base="b.yaml", candidates=[{"name": "a"}])
+
+    def row(name: str, rung: int, decision: str, size: int, delta: float) -> CandidateRow:
+        check = {"name": "qg_cloze/acc", "kind": "metric", "status": "fail" if decision == "REGRESSION" else "inconclusive",
+                 "delta": delta, "ci_low": delta - 0.01, "ci_high": delta + 0.01, "margin": 0.05, "n": 100, "detail": ""}
+        return CandidateRow(name=name, format="fp8", rung=rung, bits_estimate=8.0, overrides=[], run_dir=str(tmp_path / name),
+                            checkpoint_bytes=size, decision=decision, exit_code=1, reason=decision, run_decision="PASS", checks=[check])
+
+    rows = [row("small", 0, "REGRESSION", 100, 0.2), row("big", 1, "INCONCLUSIVE", 200, 0.04), row("worse", 2, "REGRESSION", 300, 0.3)]
+    result = SearchResult.build(spec, "k", [], rows, None, None, full=True, seconds=1.0)
+    assert (result.exit_code, result.decision, result.winner) == (4, "INCONCLUSIVE", None)
+    assert [r.pareto for r in rows] == [True, True, False]  # 'worse' is bigger and worse than both
+    write_summary(result, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / SEARCH_JSON).read_text())["exit_code"] == 4
+    assert "No candidate passed the search split" in (tmp_path / "out" / SEARCH_HTML).read_text()
+    assert "winner: none" in search_table(result)
