@@ -197,6 +197,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """The cheapest candidate of a ladder that passes the gate (quantgate/search/)."""
+    from quantgate.preflight import check_inputs, preflight
+    from quantgate.search import search
+    from quantgate.search.spec import expand, load_spec
+
+    ladder = expand(load_spec(args.spec), args.spec, args.set or [])
+    recipes = [(c.recipe, args.spec) for c in ladder]
+    _apply_env_tracking(recipes)
+    for recipe, path in recipes:
+        check_inputs(recipe, path)
+    _check_tracking(recipes)
+    for recipe, _ in recipes:
+        report = preflight(recipe)
+        for line in report.warnings:
+            log.warning("[%s] preflight: %s", recipe.name, line)
+    with _stdout_to_stderr(args.json) as out:
+        from quantgate.search.report import search_table
+
+        result = search(args.spec, args.set or [], full=args.full, fresh=args.fresh, candidates=ladder)
+        if args.json:
+            out.write(json.dumps(result.to_dict(), default=str) + "\n")
+            out.flush()
+        else:
+            print(search_table(result))
+    return result.exit_code
+
+
 def _write_ci_outputs(args: argparse.Namespace, outcomes: list[Any]) -> None:
     from quantgate.rundir import atomic_write_text
 
@@ -297,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--summary-md", metavar="PATH", help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY)")
     r.add_argument("--fresh", action="store_true", help="ignore completed stages of an earlier run")
     r.set_defaults(func=cmd_run)
+
+    se = sub.add_parser("search", help="find the cheapest candidate of a ladder that passes the gate (confirmed on held-out items)")
+    se.add_argument("spec", help="search spec YAML (base recipe + candidates; see docs/search.md)")
+    se.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of every candidate recipe (repeatable)")
+    se.add_argument("--full", action="store_true", help="run the whole ladder (the Pareto front) instead of stopping at the first pass")
+    se.add_argument("--json", action="store_true", help="print one JSON object (the search summary) on stdout, nothing else")
+    se.add_argument("--fresh", action="store_true", help="ignore completed stages of earlier runs")
+    se.set_defaults(func=cmd_search)
 
     g = sub.add_parser("gate", help="re-judge stored results (run dir or MLflow run id) with other thresholds")
     g.add_argument("run", help="a run directory (runs/NAME-HASH) or an MLflow run id")
