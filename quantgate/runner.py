@@ -88,7 +88,11 @@ def fault_point(stage: str) -> None:
     that stage (after its start is logged), as an OOM killer or a preempted node would;
     QUANTGATE_FAIL_IN=<stage> raises an unexpected exception there, as a library bug would.
     QUANTGATE_KILL_ONCE=<file> makes the kill fire once across processes (the first to create the
-    file dies; a retry, e.g. by Ray, gets through)."""
+    file dies; a retry, e.g. by Ray, gets through). QUANTGATE_PAUSE_IN=<stage> waits inside that
+    stage until the file QUANTGATE_PAUSE_UNTIL exists (at most 5 minutes), so a test can hold a
+    stage open while a second process races for the same work."""
+    if os.environ.get("QUANTGATE_PAUSE_IN") == stage:
+        _pause(os.environ.get("QUANTGATE_PAUSE_UNTIL", ""))
     if os.environ.get("QUANTGATE_FAIL_IN") == stage:
         raise RuntimeError(f"injected failure in stage {stage} (QUANTGATE_FAIL_IN)\nsecond line of the message")
     if os.environ.get("QUANTGATE_KILL_IN") == stage and _first_kill(os.environ.get("QUANTGATE_KILL_ONCE")):
@@ -96,6 +100,12 @@ def fault_point(stage: str) -> None:
 
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause(release: str) -> None:
+    deadline = time.monotonic() + 300
+    while release and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _first_kill(marker: str | None) -> bool:
