@@ -235,3 +235,43 @@ def test_two_processes_racing_for_one_baseline_evaluate_it_once(tmp_path, tiny_m
     assert re.search(r"baseline: cache hit [0-9a-f]{20}\n", err_b), err_b[-3000:]
     ra, rb = Path(ws, json.loads(out_a)["run_dir"]), Path(ws, json.loads(out_b)["run_dir"])
     assert ra != rb and (ra / "baseline_results.json").read_text() == (rb / "baseline_results.json").read_text()
+
+
+def test_task_resources_and_environment_without_a_cluster(tmp_path, monkeypatch):
+    """What a task asks for and runs with (no Ray needed)."""
+    from quantgate.errors import PreflightError
+    from quantgate.executors.ray import _task_context, job_environment, max_retries, task_resources
+    from quantgate.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "quantization": {"format": "fp8"}}))
+    recipe = load_recipe(str(tmp_path / "r.yaml"), [])
+    assert task_resources(recipe, 0) == {"num_cpus": 1.0}  # auto on a CPU cluster
+    assert task_resources(recipe, 8) == {"num_gpus": 1.0, "num_cpus": 1.0}  # auto on a GPU cluster
+    recipe.engine.device, recipe.engine.tensor_parallel_size = "cuda", 2
+    assert task_resources(recipe, 8) == {"num_gpus": 2.0, "num_cpus": 1.0}
+    with pytest.raises(PreflightError, match="no GPU resources"):
+        task_resources(recipe, 0)
+    recipe.engine.device = "cpu"
+    assert task_resources(recipe, 8) == {"num_cpus": 1.0}
+
+    monkeypatch.setenv("QUANTGATE_CACHE", "relative-cache")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    env = job_environment()
+    assert Path(env["QUANTGATE_CACHE"]).is_absolute() and env["MLFLOW_TRACKING_URI"] == "sqlite:///x.db"
+    assert "CUDA_VISIBLE_DEVICES" not in env  # Ray sets it to the granted GPU
+
+    # A task runs in the driver's directory with the driver's variables; both are restored after,
+    # and a variable the driver did not set does not leak from the worker's earlier task.
+    monkeypatch.setenv("QUANTGATE_KILL_IN", "evaluate")
+    before = os.getcwd()
+    with _task_context(str(tmp_path), {"QUANTGATE_CACHE": "/c"}):
+        assert os.getcwd() == str(tmp_path) and os.environ["QUANTGATE_CACHE"] == "/c" and "QUANTGATE_KILL_IN" not in os.environ
+    assert os.getcwd() == before and os.environ["QUANTGATE_KILL_IN"] == "evaluate"
+    from quantgate.executors import ExecutorError
+
+    with pytest.raises(ExecutorError, match="needs shared storage"), _task_context(str(tmp_path / "absent"), {}):
+        pass
+    monkeypatch.setenv("QUANTGATE_RAY_MAX_RETRIES", "-1")
+    with pytest.raises(ExecutorError, match="QUANTGATE_RAY_MAX_RETRIES"):
+        max_retries()
