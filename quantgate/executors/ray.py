@@ -161,6 +161,10 @@ class RayExecutor(Executor):
         self._started_here = False
 
     def _connect(self) -> Any:
+        # Ray folds log lines of different workers that differ only in numbers ("[repeated 2x
+        # across cluster]"); quantgate's per-recipe lines are exactly that, so show them all.
+        # Read when ray is first imported; a user's own setting wins.
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         import ray
 
         if ray.is_initialized():
