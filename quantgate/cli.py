@@ -153,6 +153,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from quantgate.executors import check_executor
+
+    check_executor(args.executor)  # an unknown name or a missing package: exit 2 before any work
     recipes = _load_all(args.recipes, args.set or [])
     _apply_env_tracking(recipes)
     from quantgate.preflight import check_inputs, preflight
@@ -162,7 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for recipe, path in recipes:
         check_inputs(recipe, path)
     _check_tracking(recipes)
-    for recipe, _ in recipes:
+    # With a cluster executor, preflight (GPU checks) runs in each task, on the node with the GPU.
+    for recipe, _ in recipes if args.executor == "local" else []:
         report = preflight(recipe)
         for line in report.lines:
             log.info("[%s] preflight: %s", recipe.name, line)
@@ -171,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _stdout_to_stderr(args.json) as out:
         from quantgate.runner import matrix_table, run_recipes, worst
 
-        outcomes = run_recipes(recipes, fresh=args.fresh)
+        outcomes = run_recipes(recipes, fresh=args.fresh, executor=args.executor)
         code = worst([o.exit_code for o in outcomes])
         _write_ci_outputs(args, outcomes)
         if args.json:
@@ -324,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--junit-xml", metavar="PATH", help="write JUnit XML: one testcase per gate check")
     r.add_argument("--summary-md", metavar="PATH", help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY)")
     r.add_argument("--fresh", action="store_true", help="ignore completed stages of an earlier run")
+    r.add_argument("--executor", default="local", metavar="NAME", help="where recipes run: local (this process, one after another; default) or ray (one Ray task per recipe on RAY_ADDRESS or a local cluster; docs/cluster.md)")
     r.set_defaults(func=cmd_run)
 
     se = sub.add_parser("search", help="find the cheapest candidate of a ladder that passes the gate (confirmed on held-out items)")

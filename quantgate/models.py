@@ -134,6 +134,17 @@ def _convert_gguf(gguf: Path, out: Path, special: dict[str, str] | None) -> None
     publish_dir(tmp, out)
 
 
+def _convert_once(gguf: Path, out: Path, special: dict[str, str] | None) -> None:
+    """Convert unless done; two processes sharing the cache (Ray workers) convert once."""
+    if (out / "config.json").is_file():
+        return
+    from quantgate.cache import fill_lock
+
+    with fill_lock(f"model-{out.name}"):
+        if not (out / "config.json").is_file():
+            _convert_gguf(gguf, out, special)
+
+
 def resolve_model_dir(spec: ModelSpec) -> Path:
     """A local HF directory with config, weights and tokenizer for `spec.source`."""
     src = spec.source
@@ -145,14 +156,12 @@ def resolve_model_dir(spec: ModelSpec) -> Path:
             raise StageError("model", f"package for bundled model {name} is not installed")
         gguf = Path(list(found.submodule_search_locations)[0]) / fname
         out = cache_root() / "models" / f"{name}-{gguf.stat().st_size}"
-        if not (out / "config.json").is_file():
-            _convert_gguf(gguf, out, SMOLLM2_SPECIAL)
+        _convert_once(gguf, out, SMOLLM2_SPECIAL)
         return out
     p = Path(src).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         out = cache_root() / "models" / f"{p.stem}-{file_sha256(p)[:12]}"
-        if not (out / "config.json").is_file():
-            _convert_gguf(p.resolve(), out, None)
+        _convert_once(p.resolve(), out, None)
         return out
     if p.is_dir():
         return p

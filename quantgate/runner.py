@@ -86,14 +86,36 @@ def _cuda_in_use() -> Any:
 def fault_point(stage: str) -> None:
     """Fault injection for the fault tests: QUANTGATE_KILL_IN=<stage> SIGKILLs this process inside
     that stage (after its start is logged), as an OOM killer or a preempted node would;
-    QUANTGATE_FAIL_IN=<stage> raises an unexpected exception there, as a library bug would."""
+    QUANTGATE_FAIL_IN=<stage> raises an unexpected exception there, as a library bug would.
+    QUANTGATE_KILL_ONCE=<file> makes the kill fire once across processes (the first to create the
+    file dies; a retry, e.g. by Ray, gets through). QUANTGATE_PAUSE_IN=<stage> waits inside that
+    stage until the file QUANTGATE_PAUSE_UNTIL exists (at most 5 minutes), so a test can hold a
+    stage open while a second process races for the same work."""
+    if os.environ.get("QUANTGATE_PAUSE_IN") == stage:
+        _pause(os.environ.get("QUANTGATE_PAUSE_UNTIL", ""))
     if os.environ.get("QUANTGATE_FAIL_IN") == stage:
         raise RuntimeError(f"injected failure in stage {stage} (QUANTGATE_FAIL_IN)\nsecond line of the message")
-    if os.environ.get("QUANTGATE_KILL_IN") == stage:
+    if os.environ.get("QUANTGATE_KILL_IN") == stage and _first_kill(os.environ.get("QUANTGATE_KILL_ONCE")):
         import signal
 
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause(release: str) -> None:
+    deadline = time.monotonic() + 300
+    while release and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _first_kill(marker: str | None) -> bool:
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 class StageClock:
@@ -390,17 +412,23 @@ class _OneLine(logging.Filter):
 # ---- many recipes ------------------------------------------------------------------------------
 
 
-def run_recipes(recipes: list[tuple[Recipe, str]], *, fresh: bool = False) -> list[RecipeOutcome]:
-    """Run recipes against one baseline. More than one: a parent MLflow run, a child per recipe
-    (the parent is opened only when a child has something to record)."""
+def run_recipes(recipes: list[tuple[Recipe, str]], *, fresh: bool = False, executor: str = "local") -> list[RecipeOutcome]:
+    """Run recipes against one baseline on an executor (quantgate/executors: `local` in this
+    process, `ray` one task per recipe). More than one: a parent MLflow run, a child per recipe
+    (the local executor opens the parent only when a child has something to record); the matrix
+    report and the parent's summary are written here, in the driver."""
+    from quantgate.executors import Job, get_executor
     from quantgate.sinks.mlflow import MatrixParent
 
-    memo: dict[str, Any] = {}
-    if len(recipes) == 1:
-        recipe, source = recipes[0]
-        return [run_recipe(recipe, source, fresh=fresh, baseline_memo=memo)]
-    parent = MatrixParent(recipes[0][0], [r.name for r, _ in recipes])
-    outcomes = [run_recipe(recipe, source, fresh=fresh, baseline_memo=memo, parent=parent) for recipe, source in recipes]
+    runner = get_executor(executor)
+    jobs = [Job(recipe, source, fresh) for recipe, source in recipes]
+    parent = MatrixParent(recipes[0][0], [r.name for r, _ in recipes]) if len(recipes) > 1 else None
+    try:
+        outcomes = runner.run(jobs, parent=parent)
+    finally:
+        runner.close()
+    if parent is None:
+        return outcomes
     report = _matrix_report(Path(recipes[0][0].output_dir), outcomes)
     if report is not None:
         log.info("matrix report: %s", report)

@@ -91,12 +91,17 @@ def baseline_checkpoint(recipe: Any, model: ModelRef, clock: Any) -> Checkpoint:
     meta = out.parent / f"{out.name}.json"
     if meta.is_file() and (out / "config.json").is_file():
         return Checkpoint.load(meta)
-    with clock.stage("baseline_export"):
-        hf_model, tok = load_model(model.dir, recipe.model, dtype=torch_dtype(recipe.model.dtype), device="cpu")
-        ckpt = export_checkpoint(hf_model, tok, formats.get_format("fp16"), recipe.model.dtype, out)
-        del hf_model
-        release_memory()
-        ckpt.save(meta)
+    # Another process (a Ray worker of the same matrix) may be writing this export now: wait for
+    # it rather than replacing the folder under its feet.
+    with cache.fill_lock(f"baseline-export-{out.name}"):
+        if meta.is_file() and (out / "config.json").is_file():
+            return Checkpoint.load(meta)
+        with clock.stage("baseline_export"):
+            hf_model, tok = load_model(model.dir, recipe.model, dtype=torch_dtype(recipe.model.dtype), device="cpu")
+            ckpt = export_checkpoint(hf_model, tok, formats.get_format("fp16"), recipe.model.dtype, out)
+            del hf_model
+            release_memory()
+            ckpt.save(meta)
     return ckpt
 
 
@@ -171,19 +176,22 @@ class EvaluateBaseline(Stage):
         if key in ctx.baseline_memo:
             log.info("baseline: cache hit %s (this process)", key)
             return Baseline(ckpt, ctx.baseline_memo[key].results, key, True)
-        text = cache.load_entry(key)
+        # Evaluated once per key across processes: a second process needing the same baseline
+        # waits for the first's evaluation, then reads it from the cache.
+        with cache.fill_lock(f"baseline-{key}"):
+            text = cache.load_entry(key)
+            if text is None:
+                log.info("baseline: cache miss %s; evaluating the %s baseline", key, recipe.model.dtype)
+                with ctx.clock.stage("baseline_evaluate"):
+                    results = evaluate_checkpoint(ckpt, recipe, "baseline", clock=ctx.clock)
+                if not results.errors:  # never cache a failed evaluation
+                    cache.store_entry(key, results.model_dump_json(), parts)
+                base = Baseline(ckpt, results, key, False)
         if text is not None:
             log.info("baseline: cache hit %s", key)
             with ctx.clock.stage("prompt_lengths"):
                 check_prompt_lengths_early(recipe, model.dir, cache.baseline_root() / key / "longest_prompt.txt")
             base = Baseline(ckpt, EvalResults.model_validate_json(text), key, True)
-        else:
-            log.info("baseline: cache miss %s; evaluating the %s baseline", key, recipe.model.dtype)
-            with ctx.clock.stage("baseline_evaluate"):
-                results = evaluate_checkpoint(ckpt, recipe, "baseline", clock=ctx.clock)
-            if not results.errors:  # never cache a failed evaluation
-                cache.store_entry(key, results.model_dump_json(), parts)
-            base = Baseline(ckpt, results, key, False)
         ctx.baseline_memo[key] = base
         return base
 
