@@ -203,24 +203,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """The cheapest candidate of a ladder that passes the gate (quantgate/search/)."""
+    from quantgate.executors import check_executor
     from quantgate.preflight import check_inputs, preflight
     from quantgate.search import search
     from quantgate.search.spec import expand, load_spec
 
+    check_executor(args.executor)  # an unknown name or a missing package: exit 2 before any work
     ladder = expand(load_spec(args.spec), args.spec, args.set or [])
     recipes = [(c.recipe, args.spec) for c in ladder]
     _apply_env_tracking(recipes)
     for recipe, path in recipes:
         check_inputs(recipe, path)
     _check_tracking(recipes)
-    for recipe, _ in recipes:
+    # With a cluster executor, preflight (GPU checks) runs in each task, on the node with the GPU.
+    for recipe, _ in recipes if args.executor == "local" else []:
         report = preflight(recipe)
         for line in report.warnings:
             log.warning("[%s] preflight: %s", recipe.name, line)
     with _stdout_to_stderr(args.json) as out:
         from quantgate.search.report import search_table
 
-        result = search(args.spec, args.set or [], full=args.full, fresh=args.fresh, candidates=ladder)
+        result = search(args.spec, args.set or [], full=args.full, fresh=args.fresh, candidates=ladder, executor=args.executor)
         if args.json:
             out.write(json.dumps(result.to_dict(), default=str) + "\n")
             out.flush()
@@ -337,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--full", action="store_true", help="run the whole ladder (the Pareto front) instead of stopping at the first pass")
     se.add_argument("--json", action="store_true", help="print one JSON object (the search summary) on stdout, nothing else")
     se.add_argument("--fresh", action="store_true", help="ignore completed stages of earlier runs")
+    se.add_argument("--executor", default="local", metavar="NAME", help="where candidates run: local (default) or ray (each candidate a Ray task; docs/cluster.md)")
     se.set_defaults(func=cmd_search)
 
     g = sub.add_parser("gate", help="re-judge stored results (run dir or MLflow run id) with other thresholds")

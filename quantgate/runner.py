@@ -429,6 +429,7 @@ def run_recipes(recipes: list[tuple[Recipe, str]], *, fresh: bool = False, execu
         runner.close()
     if parent is None:
         return outcomes
+    parent.discard_if_empty(outcomes)  # an eagerly opened parent (ray) whose children all were complete
     report = _matrix_report(Path(recipes[0][0].output_dir), outcomes)
     if report is not None:
         log.info("matrix report: %s", report)

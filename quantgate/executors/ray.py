@@ -192,7 +192,7 @@ class RayExecutor(Executor):
         gpus = float(ray.cluster_resources().get("GPU", 0))
         resources = [task_resources(j.recipe, gpus) for j in jobs]  # refuse before submitting anything
         # Opened before the tasks (they need its id); if every recipe turns out complete on disk,
-        # the empty parent is deleted again below.
+        # the driver deletes the empty parent again (MatrixParent.discard_if_empty).
         parent_id = parent.run_id() if parent is not None else None
         env, cwd = job_environment(), os.getcwd()
         task = ray.remote(run_job)
@@ -207,8 +207,6 @@ class RayExecutor(Executor):
                 outcomes.append(RecipeOutcome.from_dict(ray.get(ref)))
             except ray.exceptions.RayError as err:
                 outcomes.append(_lost(job, err, retries))
-        if parent is not None and getattr(parent, "tracker", None) is not None and all(o.reused for o in outcomes):
-            _discard_parent(parent)
         return outcomes
 
     def close(self) -> None:
@@ -234,13 +232,3 @@ def _lost(job: Job, err: BaseException, retries: int) -> RecipeOutcome:
         reason = f"Ray task lost after {retries + 1} attempt(s) ({type(err).__name__}): {first}"
     log.error("[%s] %s", job.recipe.name, reason)
     return _error_outcome(job.recipe, job.source, int(ExitCode.ERROR), reason)
-
-
-def _discard_parent(parent: Any) -> None:
-    """Every recipe was complete on disk: nothing was recorded, so the parent run the driver
-    opened for the tasks is deleted (as the local executor, which opens it lazily, never makes one)."""
-    try:
-        parent.tracker.client.delete_run(parent.tracker.run_id)
-    except Exception as err:
-        log.warning("could not delete the empty matrix parent run: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
-    parent.tracker = None

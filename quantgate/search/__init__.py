@@ -30,20 +30,27 @@ log = logging.getLogger("quantgate")
 __all__ = ["CandidateRow", "Confirmation", "SearchResult", "run_candidates", "search"]
 
 
-def run_candidates(recipes: Sequence[Any], *, baseline_memo: dict[str, Any], parent: Any = None, fresh: bool = False) -> list[Any]:
-    """The executor seam: run recipes (locally, one after another) against one baseline memo.
-    A remote executor replaces this function; the search needs only the outcomes back."""
+def run_candidates(recipes: Sequence[Any], *, baseline_memo: dict[str, Any], parent: Any = None, fresh: bool = False,
+                   executor: Any = None) -> list[Any]:
+    """The executor seam: run recipes against one baseline, here one after another (sharing the
+    in-memory baseline memo), or through a cluster executor (quantgate/executors/: each candidate
+    a task, the baseline shared through the cache). The search needs only the outcomes back."""
     from quantgate.runner import fault_point, run_recipe
 
     outcomes = []
     for recipe in recipes:
         fault_point(f"candidate:{recipe.name}")  # fault tests: kill the search between candidates
-        outcomes.append(run_recipe(recipe, str(recipe.name), fresh=fresh, baseline_memo=baseline_memo, parent=parent))
+        if executor is None:
+            outcomes.append(run_recipe(recipe, str(recipe.name), fresh=fresh, baseline_memo=baseline_memo, parent=parent))
+        else:
+            from quantgate.executors import Job
+
+            outcomes += executor.run([Job(recipe, str(recipe.name), fresh)], parent=parent)
     return outcomes
 
 
 def search(spec_path: str | Path, overrides: list[str] | None = None, *, full: bool = False, fresh: bool = False,
-           candidates: list[Candidate] | None = None) -> SearchResult:
+           candidates: list[Candidate] | None = None, executor: str = "local") -> SearchResult:
     from quantgate.search.record import SearchParent, close_parent, register_winner, tag_children
     from quantgate.search.report import search_table, write_summary
 
@@ -55,18 +62,25 @@ def search(spec_path: str | Path, overrides: list[str] | None = None, *, full: b
     log.info("search %s (%s): %d candidates, cheapest first: %s", spec.name, key, len(ladder), ", ".join(c.name for c in ladder))
     parent = SearchParent(ladder[0].recipe, spec.name, key, out_dir)
 
+    from quantgate.executors import get_executor
+
+    remote = None if executor == "local" else get_executor(executor)
     memo: dict[str, Any] = {}
     rows: list[CandidateRow] = []
     winner: CandidateRow | None = None
-    for cand in ladder:
-        outcome = run_candidates([cand.recipe], baseline_memo=memo, parent=parent, fresh=fresh)[0]
-        row = judge_candidate(cand, outcome, spec.split.fraction, spec.split.seed)
-        rows.append(row)
-        log.info("search %s: %s on the search split: %s", spec.name, cand.name, row.reason)
-        if winner is None and row.decision == "PASS":
-            winner = row
-            if not full:
-                break
+    try:
+        for cand in ladder:
+            outcome = run_candidates([cand.recipe], baseline_memo=memo, parent=parent, fresh=fresh, executor=remote)[0]
+            row = judge_candidate(cand, outcome, spec.split.fraction, spec.split.seed)
+            rows.append(row)
+            log.info("search %s: %s on the search split: %s", spec.name, cand.name, row.reason)
+            if winner is None and row.decision == "PASS":
+                winner = row
+                if not full:
+                    break
+    finally:
+        if remote is not None:
+            remote.close()
 
     confirmation = confirm(winner, ladder, spec.split.fraction, spec.split.seed) if winner else None
     result = SearchResult.build(spec, key, ladder, rows, winner, confirmation, full=full, seconds=time.perf_counter() - t0)

@@ -135,6 +135,18 @@ class MatrixParent:
             self.tracker = RunTracker(self.recipe.tracking, "matrix: " + ", ".join(self.names), tags={"quantgate.matrix": "true", **version_tags()}).start()
         return self.tracker.run_id
 
+    def discard_if_empty(self, outcomes: list[RecipeOutcome]) -> None:
+        """Every recipe was complete on disk: nothing was recorded, so a parent opened before the
+        children ran (a cluster executor needs its id up front) is deleted, as the local
+        executor, which opens it lazily, never makes one."""
+        if self.tracker is None or not all(o.reused for o in outcomes):
+            return
+        try:
+            self.tracker.client.delete_run(self.tracker.run_id)
+        except Exception as err:
+            log.warning("could not delete the empty matrix parent run: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        self.tracker = None
+
     def close(self, outcomes: list[RecipeOutcome], table: str, report: Path | None = None) -> None:
         """Summarise the children on the parent: verdicts in its name, tags and description, the
         matrix table, and the matrix HTML report with its images under results/."""
