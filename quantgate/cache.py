@@ -11,18 +11,16 @@ validate as finite results (e.g. one written by an older version from a NaN mode
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from quantgate.models import cache_root
-from quantgate.rundir import atomic_write_json, atomic_write_text
+from quantgate.rundir import atomic_write_json, atomic_write_text, pid_lock
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +35,9 @@ def fill_lock(name: str) -> Iterator[None]:
     CLI runs) that need the same entry at the same time do not both compute it: the second waits,
     then finds the entry. An flock on a file under the cache (released by the kernel if the holder
     dies); on a cluster the cache's filesystem must honour flock (docs/cluster.md)."""
-    path = cache_root() / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            log.info("waiting: cache entry %s is being filled by another quantgate process (pid %s)", name, holder)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with pid_lock(cache_root() / "locks" / f"{name}.lock",
+                  lambda pid: log.info("waiting: cache entry %s is being filled by another quantgate process (pid %s)", name, pid)):
+        yield
 
 
 def cache_key(parts: dict[str, Any]) -> str:

@@ -157,21 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     check_executor(args.executor)  # an unknown name or a missing package: exit 2 before any work
     recipes = _load_all(args.recipes, args.set or [])
-    _apply_env_tracking(recipes)
-    from quantgate.preflight import check_inputs, preflight
-
-    # Before any model work, cheapest first: unreadable model files and short calibration data
-    # (bad input, exit 2), then the tracking store (bounded in time, exit 3), then preflight.
-    for recipe, path in recipes:
-        check_inputs(recipe, path)
-    _check_tracking(recipes)
-    # With a cluster executor, preflight (GPU checks) runs in each task, on the node with the GPU.
-    for recipe, _ in recipes if args.executor == "local" else []:
-        report = preflight(recipe)
-        for line in report.lines:
-            log.info("[%s] preflight: %s", recipe.name, line)
-        for line in report.warnings:
-            log.warning("[%s] preflight: %s", recipe.name, line)
+    _check_before_work(recipes, args.executor, show_plan=True)
     with _stdout_to_stderr(args.json) as out:
         from quantgate.runner import matrix_table, run_recipes, worst
 
@@ -201,25 +187,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    """The cheapest candidate of a ladder that passes the gate (quantgate/search/)."""
-    from quantgate.executors import check_executor
+def _check_before_work(recipes: list[tuple[Any, str]], executor: str, *, show_plan: bool) -> None:
+    """Before any model work, cheapest first: unreadable model files and short calibration data
+    (bad input, exit 2), then the tracking store (bounded in time, exit 3), then preflight."""
     from quantgate.preflight import check_inputs, preflight
-    from quantgate.search import search
-    from quantgate.search.spec import expand, load_spec
 
-    check_executor(args.executor)  # an unknown name or a missing package: exit 2 before any work
-    ladder = expand(load_spec(args.spec), args.spec, args.set or [])
-    recipes = [(c.recipe, args.spec) for c in ladder]
     _apply_env_tracking(recipes)
     for recipe, path in recipes:
         check_inputs(recipe, path)
     _check_tracking(recipes)
     # With a cluster executor, preflight (GPU checks) runs in each task, on the node with the GPU.
-    for recipe, _ in recipes if args.executor == "local" else []:
+    for recipe, _ in recipes if executor == "local" else []:
         report = preflight(recipe)
+        for line in report.lines if show_plan else []:
+            log.info("[%s] preflight: %s", recipe.name, line)
         for line in report.warnings:
             log.warning("[%s] preflight: %s", recipe.name, line)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The cheapest candidate of a ladder that passes the gate (quantgate/search/)."""
+    from quantgate.executors import check_executor
+    from quantgate.search import search
+    from quantgate.search.spec import expand, load_spec
+
+    check_executor(args.executor)  # an unknown name or a missing package: exit 2 before any work
+    ladder = expand(load_spec(args.spec), args.spec, args.set or [])
+    _check_before_work([(c.recipe, args.spec) for c in ladder], args.executor, show_plan=False)
     with _stdout_to_stderr(args.json) as out:
         from quantgate.search.report import search_table
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +68,26 @@ class Manifest:
     def set(self, key: str, value: Any) -> None:
         self.data[key] = value
         atomic_write_json(self.path, self.data)
+
+
+@contextlib.contextmanager
+def pid_lock(path: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
+    """An exclusive flock on `path` (released by the kernel if the holder dies), with the
+    holder's pid written in it; when another process holds it, `on_wait(pid)` says so once and
+    this process waits its turn (the run directory lock, the cache's fill locks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            on_wait(fh.read().strip() or "?")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -11,7 +11,6 @@ from disk: nothing runs, nothing is uploaded again.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,7 +26,7 @@ from typing import Any
 from quantgate import formats
 from quantgate.errors import ExitCode, QuantgateError, StageError
 from quantgate.recipe import Recipe
-from quantgate.rundir import Manifest, atomic_write_json, atomic_write_text
+from quantgate.rundir import Manifest, atomic_write_json, atomic_write_text, pid_lock
 from quantgate.stages import MISSING, RunContext, Stage
 
 log = logging.getLogger("quantgate")
@@ -175,23 +174,9 @@ def log_file(path: Path) -> Iterator[Path]:
 def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """One process per run directory. A second run of the same directory waits for the first
     (then finds its work done) instead of writing the same files at the same time."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            log.warning("waiting: run directory %s is in use by another quantgate process (pid %s)", run_dir, holder)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with pid_lock(run_dir / ".lock",
+                  lambda pid: log.warning("waiting: run directory %s is in use by another quantgate process (pid %s)", run_dir, pid)):
+        yield
 
 
 def run_dir_for(recipe: Recipe) -> Path:
