@@ -22,6 +22,13 @@ BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
 BUNDLED_CALIBRATION = "bundled:wikipedia"
 
 
+def simple_name(v: str) -> str:
+    """A name that becomes a folder or run name: non-empty, no spaces or slashes (validator)."""
+    if not v or any(c in v for c in "/\\ \t"):
+        raise ValueError("a non-empty name without spaces or slashes")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -202,9 +209,7 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_simple(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ \t"):
-            raise ValueError("a non-empty name without spaces or slashes")
-        return v
+        return simple_name(v)
 
     # ---- derived -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

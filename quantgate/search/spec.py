@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantgate.errors import RecipeError
-from quantgate.recipe import PromotionSpec, Recipe
+from quantgate.recipe import PromotionSpec, Recipe, simple_name
 
 
 class _Strict(BaseModel):
@@ -57,9 +57,7 @@ class CandidateSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _simple(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ \t"):
-            raise ValueError("a non-empty name without spaces or slashes")
-        return v
+        return simple_name(v)
 
     @field_validator("grid")
     @classmethod
@@ -85,9 +83,7 @@ class SearchSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _simple(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ \t"):
-            raise ValueError("a non-empty name without spaces or slashes")
-        return v
+        return simple_name(v)
 
 
 @dataclass
