@@ -91,6 +91,32 @@ def test_shipped_default_search_validates_with_at_least_six_candidates():
     assert [c.bits_estimate for c in ladder] == sorted(c.bits_estimate for c in ladder)
 
 
+def test_a_search_that_fails_closes_its_parent_run_failed(tmp_path, monkeypatch):
+    import quantgate.search as qs
+    from quantgate.search.record import SearchParent
+
+    class Tracker:  # records what the search does to its MLflow parent run
+        run_id, tags, status = "r1", {}, None
+
+        def set_tags(self, tags: dict) -> None:
+            self.tags.update(tags)
+
+        def end(self, status: str) -> None:
+            self.status = status
+
+    tracker = Tracker()
+
+    def broken_ladder(spec, key, ladder, parent: SearchParent, *args, **kwargs):
+        parent.tracker = tracker  # a child opened the parent run, then the search broke
+        raise RuntimeError("judge exploded\nsecond line")
+
+    monkeypatch.setattr(qs, "_run_ladder", broken_ladder)
+    path = _spec(tmp_path, {"name": "s", "base": "_base.yaml", "candidates": [{"name": "a", "set": {"quantization.format": "fp8"}}]})
+    with pytest.raises(RuntimeError, match="judge exploded"):
+        qs.search(path)
+    assert tracker.status == "FAILED" and tracker.tags["quantgate.failure"] == "RuntimeError: judge exploded"
+
+
 # ---- the split ------------------------------------------------------------------------------------
 
 

@@ -51,8 +51,7 @@ def run_candidates(recipes: Sequence[Any], *, baseline_memo: dict[str, Any], par
 
 def search(spec_path: str | Path, overrides: list[str] | None = None, *, full: bool = False, fresh: bool = False,
            candidates: list[Candidate] | None = None, executor: str = "local") -> SearchResult:
-    from quantgate.search.record import SearchParent, close_parent, register_winner, tag_children
-    from quantgate.search.report import search_table, write_summary
+    from quantgate.search.record import SearchParent, fail_parent
 
     t0 = time.perf_counter()
     spec = load_spec(spec_path)
@@ -62,7 +61,19 @@ def search(spec_path: str | Path, overrides: list[str] | None = None, *, full: b
     log.info("search %s (%s): %d candidates, cheapest first: %s", spec.name, key, len(ladder), ", ".join(c.name for c in ladder))
     parent = SearchParent(ladder[0].recipe, spec.name, key, out_dir)
 
+    try:
+        result = _run_ladder(spec, key, ladder, parent, out_dir, full=full, fresh=fresh, executor=executor, t0=t0)
+    except BaseException as err:
+        fail_parent(parent, err)
+        raise
+    return result
+
+
+def _run_ladder(spec: Any, key: str, ladder: list[Candidate], parent: Any, out_dir: Path, *, full: bool, fresh: bool,
+                executor: str, t0: float) -> SearchResult:
     from quantgate.executors import get_executor
+    from quantgate.search.record import close_parent, register_winner, tag_children
+    from quantgate.search.report import search_table, write_summary
 
     remote = None if executor == "local" else get_executor(executor)
     memo: dict[str, Any] = {}

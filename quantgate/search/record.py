@@ -128,6 +128,19 @@ def close_parent(parent: SearchParent, result: SearchResult, table: str, out_dir
         log.warning("could not close the search's MLflow run: %s", _first_line(err))
 
 
+def fail_parent(parent: SearchParent, err: BaseException) -> None:
+    """The search itself failed after its parent run opened: close that run FAILED with the
+    reason, so no run is left RUNNING (best effort: the error the user sees is `err`)."""
+    if parent.tracker is None:
+        return
+    try:
+        reason = f"{type(err).__name__}: {_first_line(err)}" if isinstance(err, Exception) else type(err).__name__
+        parent.tracker.set_tags({"quantgate.failure": reason})
+        parent.tracker.end("FAILED")
+    except Exception as close_err:
+        log.warning("could not close the search's MLflow run: %s", _first_line(close_err))
+
+
 def _close_stale_parent(parent: SearchParent) -> None:
     """A killed attempt's parent run, left RUNNING, when no new parent was opened to replace it."""
     state = parent.out_dir / STATE
