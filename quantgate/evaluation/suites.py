@@ -17,6 +17,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import random
@@ -673,8 +674,26 @@ def check_prompt_lengths(engine: Engine, tasks: dict[str, Any], spec: Evaluation
 # ---- running ------------------------------------------------------------------------------------
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable_str(obj: Any) -> str:
+    """JSON fallback that is equal in every process: lm-eval configs hold Python functions
+    (hellaswag's process_docs, winogrande's doc_to_text...), whose str() carries a memory address
+    that differs per process; that made a cached or resumed baseline fail comparability. A function
+    is named by module, qualified name and the hash of its source, so editing it still changes the hash."""
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        try:
+            body = inspect.getsource(obj).encode()
+        except (OSError, TypeError):
+            code = getattr(obj, "__code__", None)
+            body = code.co_code if code is not None else b""
+        return f"<{getattr(obj, '__module__', '?')}.{obj.__qualname__} {hashlib.sha256(body).hexdigest()[:12]}>"
+    return _ADDRESS.sub("", str(obj))
+
+
 def _hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_stable_str, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _config_hash(task: Any, placeholders: dict[str, str], provenance: dict[str, Any] | None = None) -> str:
@@ -682,7 +701,7 @@ def _config_hash(task: Any, placeholders: dict[str, str], provenance: dict[str, 
     placeholders) plus, for standard tasks, the data files' sha256: equal on any machine that
     runs the same task on the same data."""
     cfg = task.dump_config() if hasattr(task, "dump_config") else task.config.to_dict()
-    text = json.dumps(cfg, sort_keys=True, default=str)
+    text = json.dumps(cfg, sort_keys=True, default=_stable_str)
     for path, ph in sorted(placeholders.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(path, ph)
     if provenance:
