@@ -85,6 +85,57 @@ def test_kernel_support_falls_back_off_gpu():
     assert not ok and "W4A8_AWQ" in why
 
 
+def test_int4_tiles_never_straddle_an_awq_block():
+    """A tile's BK columns must sit in one AWQ block (one scale per tile) and so never pass K.
+    Offering BK=128 for 64-wide blocks gave NaN log-likelihoods for SmolLM2 (K=576) on the H200."""
+    for group in (32, 64, 128, 256):
+        offered = kern.w4a16_configs(group)
+        assert offered and all(group % c["BK"] == 0 for c in offered), group
+    assert 128 not in {c["BK"] for c in kern.w4a16_configs(64)}
+    x, packed, scales = torch.zeros(4, 576), torch.zeros(64, 576, dtype=torch.uint8), torch.zeros(128, 9)
+    with pytest.raises(ValueError, match="BK=128 does not divide the AWQ block 64"):
+        kern.w4a16_matmul(x, packed, scales, config=kern.W4A16_CONFIGS[3])
+    ok, why = kern.kernel_support("W4A16_AWQ", "cpu", 48)
+    assert not ok
+
+
+_INT4_INTERPRETED = """
+import json, torch
+from quantgate.engines import kernels as K
+torch.manual_seed(0)
+out = []
+for m, k, n, g in [(8, 576, 192, 64), (5, 256, 128, 128), (20, 576, 128, 32)]:
+    packed = K.pack_int4(torch.randint(-8, 8, (n, k)))
+    scales = (torch.rand(n, k // g) * 0.02 + 0.001).half()
+    x = torch.randn(m, k).half()
+    ref = K.int4_reference_math(x, packed, scales)
+    for c in K.w4a16_configs(g):
+        got = K.w4a16_matmul(x, packed, scales, config=c).float()
+        out.append([m, k, n, g, c["BK"], c["BM"], bool(torch.isfinite(got).all()), float((got - ref).norm() / ref.norm())])
+print(json.dumps(out))
+"""
+
+
+def test_int4_kernel_matches_reference_under_triton_interpreter():
+    """Every tile configuration the autotuner may pick, run by Triton's CPU interpreter on shapes
+    whose K is not a multiple of 128 (SmolLM2's 576) and on 32-, 64- and 128-wide AWQ blocks."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton (its interpreter runs the INT4 kernel on CPU): pip install triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _INT4_INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert len(rows) >= 14
+    for m, k, n, g, bk, bm, finite, rel in rows:
+        assert finite and rel < 2e-3, (m, k, n, g, bk, bm, rel)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_streaming_loader_reads_synthetic_checkpoint_on_cpu(tiny_model_dir, tmp_path, fmt):
     """The meta-device + per-tensor loader builds the reference model; kernels=auto on CPU is the

@@ -36,8 +36,8 @@ KERNEL_ALGOS = {"FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ"}
 INT4_FUSED_MAX_TOKENS = 256
 
 
-def kernel_support(algo: str | None, device: str) -> tuple[bool, str]:
-    """(usable, why not) for the real-kernel path of `algo` on `device`."""
+def kernel_support(algo: str | None, device: str, group_size: int | None = None) -> tuple[bool, str]:
+    """(usable, why not) for the real-kernel path of `algo` on `device` (AWQ block `group_size`)."""
     if algo not in KERNEL_ALGOS:
         return False, f"no kernel path for quant_algo {algo!r}"
     if not device.startswith("cuda") or not torch.cuda.is_available():
@@ -46,6 +46,8 @@ def kernel_support(algo: str | None, device: str) -> tuple[bool, str]:
     if algo == "FP8" and (major, minor) < (8, 9):
         return False, f"FP8 GEMMs need compute capability 8.9+, this GPU is {major}.{minor}"
     if algo == "W4A16_AWQ":
+        if not group_size or group_size % INT4_MIN_BLOCK:
+            return False, f"the INT4 kernel needs AWQ blocks that are a multiple of {INT4_MIN_BLOCK} (got {group_size})"
         try:
             import triton  # noqa: F401
         except ImportError:
@@ -190,19 +192,32 @@ class Int8Linear(nn.Module):
 # ---- INT4 AWQ (W4A16) ----------------------------------------------------------------------------
 
 
+# Tile shapes the autotuner chooses from. A tile's BK columns of K must sit inside one AWQ block
+# (one scale per output column per tile) and, because blocks divide K, never run past K: so only
+# tiles with block % BK == 0 are offered. (Offering BK=128 for 64-wide blocks read past K=576 and
+# applied one block's scale to two: NaN log-likelihoods for SmolLM2 INT4 AWQ on the H200.)
+W4A16_CONFIGS: list[dict[str, int]] = [
+    {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 128, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+]
+INT4_MIN_BLOCK = 32  # the smallest BK above; smaller or odd AWQ blocks keep the reference path
+
+
+def w4a16_configs(group: int) -> list[dict[str, int]]:
+    """The tile configurations valid for AWQ blocks of `group` input columns."""
+    return [c for c in W4A16_CONFIGS if group % c["BK"] == 0]
+
+
 @functools.cache
-def _w4a16_kernel() -> Any:
+def _w4a16_jit() -> Any:
     import triton
     import triton.language as tl
 
-    configs = [
-        triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 16, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
-
-    @triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])
     @triton.jit
     def kernel(a_ptr, b_ptr, s_ptr, c_ptr, M, N, K, M_BUCKET,
                stride_am, stride_ak, stride_bn, stride_bk, stride_sn, stride_sg, stride_cm, stride_cn,
@@ -251,26 +266,41 @@ def _w4a16_kernel() -> Any:
     return kernel
 
 
-def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (16-bit) @ dequant(packed [N/2, K] uint8, scales [N, K/G])^T -> [M, N]."""
+@functools.cache
+def _w4a16_autotuned(group: int) -> Any:
     import triton
 
+    configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                             num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in w4a16_configs(group)]
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(_w4a16_jit())
+
+
+def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, config: dict[str, int] | None = None) -> torch.Tensor:
+    """x [M, K] (16-bit) @ dequant(packed [N/2, K] uint8, scales [N, K/G])^T -> [M, N].
+    `config` pins one tile configuration (tests run each under Triton's interpreter); else autotuned."""
     m, k = x.shape
     n = packed.shape[0] * 2
     group = k // scales.shape[1]
-    if group % 128 and group % 64:
-        raise ValueError(f"INT4 kernel needs a block size that is a multiple of 64 (got {group})")
+    if k % scales.shape[1] or not w4a16_configs(group):
+        raise ValueError(f"INT4 kernel needs AWQ blocks that divide K and are a multiple of {INT4_MIN_BLOCK} (got {k}/{scales.shape[1]})")
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    kernel = _w4a16_kernel()
     # Few distinct tunings: token counts bucketed by power of two (up to 4096).
     bucket = min(1 << max(m - 1, 0).bit_length(), 4096)
 
     def grid(meta: dict[str, int]) -> tuple[int]:
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
-    kernel[grid](x, packed, scales, out, m, n, k, bucket,
-                 x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
-                 out.stride(0), out.stride(1), GROUP=group)
+    args = (x, packed, scales, out, m, n, k, bucket,
+            x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
+            out.stride(0), out.stride(1))
+    if config is not None and group % config["BK"]:
+        raise ValueError(f"tile BK={config['BK']} does not divide the AWQ block {group}")
+    import triton
+
+    if config is None:
+        _w4a16_autotuned(group)[grid](*args, GROUP=group)
+    else:
+        _w4a16_jit()[grid](*args, GROUP=group, **config)
     return out
 
 

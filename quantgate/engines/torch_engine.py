@@ -169,7 +169,7 @@ def load_exported_model(
     if qcfg.get("kv_cache_quant_algo"):
         raise StageError("engine", f"the torch backend does not reproduce a quantized KV cache ({qcfg['kv_cache_quant_algo']}); use engine.backend=tensorrt-llm or quantization.kv_cache=none")
     group_size = qcfg.get("group_size")
-    use_kernels, why = (False, "engine.kernels=reference") if kernels == "reference" else kern.kernel_support(algo, device)
+    use_kernels, why = (False, "engine.kernels=reference") if kernels == "reference" else kern.kernel_support(algo, device, group_size)
     if kernels not in ("reference", "auto"):
         raise StageError("engine", f"engine.kernels must be auto or reference, not {kernels!r}")
 
