@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantgate.artifacts import CalibrationInfo
 from quantgate.data import CalibrationBatches, calibration_batches
-from quantgate.errors import StageError
+from quantgate.errors import PreflightError, StageError
 from quantgate.evaluation.results import NonFiniteError, summarize_locations
 
 if TYPE_CHECKING:
@@ -30,6 +30,31 @@ def check_awq_block_size(model: Any, block: int) -> None:
         fits = [b for b in (128, 64, 32) if all(d % b == 0 for d in bad)]
         hint = f"; set quantization.awq_block_size={fits[0]}" if fits else ""
         raise StageError("calibrate", f"AWQ block size {block} does not divide linear input dims {bad}{hint}")
+
+
+def resolve_keep_16bit(model: Any, patterns: list[str]) -> list[str]:
+    """Module-name globs for `quantization.keep_16bit`: 'first_block' / 'last_block' become the
+    model's first / last decoder layer; every glob must name at least one Linear layer (a typo
+    would otherwise quietly quantize everything)."""
+    import re
+    from fnmatch import fnmatchcase
+
+    import torch
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    blocks = sorted({(m.group(1), int(m.group(2))) for n in linears if (m := re.match(r"(.*\.layers)\.(\d+)\.", n))}, key=lambda b: b[1])
+    out = []
+    for p in patterns:
+        if p in ("first_block", "last_block"):
+            if not blocks:
+                raise PreflightError(f"quantization.keep_16bit: {p!r}: this model has no '<...>.layers.<i>' decoder layers; give module names instead")
+            prefix, idx = blocks[0] if p == "first_block" else blocks[-1]
+            p = f"{prefix}.{idx}"
+        if not any(fnmatchcase(n, p) or fnmatchcase(n, f"{p}.*") for n in linears):
+            example = linears[0] if linears else "?"
+            raise PreflightError(f"quantization.keep_16bit: {p!r} matches no Linear layer of the model (names look like {example!r}); fix the pattern")
+        out.append(p)
+    return out
 
 
 def decoder_of(model: Any) -> Any:
@@ -94,7 +119,8 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
         raise NonFiniteError("calibrate", f"{len(bad)} model tensor(s) hold non-finite values: {summarize_locations(bad)}: fix the model's weights")
     if data is None:
         data = calibration_batches(recipe.calibration, tokenizer)
-    cfg = fmt.build_modelopt_config(recipe.quantization)
+    keep = resolve_keep_16bit(model, recipe.quantization.keep_16bit)
+    cfg = fmt.build_modelopt_config(recipe.quantization, keep)
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
 

@@ -42,8 +42,9 @@ class FormatSpec:
     def quantized(self) -> bool:
         return self.modelopt_config is not None
 
-    def build_modelopt_config(self, spec: QuantizationSpec) -> dict[str, Any]:
-        """A fresh ModelOpt config dict for `mtq.quantize`, with the recipe's settings applied."""
+    def build_modelopt_config(self, spec: QuantizationSpec, keep_16bit: list[str] | None = None) -> dict[str, Any]:
+        """A fresh ModelOpt config dict for `mtq.quantize`, with the recipe's settings applied.
+        `keep_16bit`: module-name globs (aliases already resolved) whose quantizers stay off."""
         if self.modelopt_config is None:
             raise ValueError(f"format {self.name!r} does not quantize")
         import modelopt.torch.quantization as mtq
@@ -61,6 +62,8 @@ class FormatSpec:
         if spec.kv_cache == "fp8":
             kv = copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
             entries.extend(kv if isinstance(kv, list) else [{"quantizer_name": k, "cfg": v} for k, v in kv.items()])
+        # Last, so they win over the format's own entries (ModelOpt applies the list in order).
+        entries.extend({"quantizer_name": f"{glob}.*", "enable": False} for glob in keep_16bit or [])
         return cfg
 
 

@@ -59,6 +59,12 @@ class QuantizationSpec(_Strict):
     smoothquant_alpha: float | None = Field(
         None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha (ModelOpt default 1.0)."
     )
+    keep_16bit: list[str] = Field(
+        default_factory=list,
+        description="Layers left unquantized (16-bit), as module-name globs ('model.layers.0', '*.mlp.down_proj') "
+        "or 'first_block' / 'last_block' (the model's first / last decoder layer). ModelOpt's configs already "
+        "keep lm_head 16-bit. Applied through ModelOpt's config, so calibration and export both skip them.",
+    )
 
 
 class CalibrationSpec(_Strict):
@@ -364,6 +370,8 @@ def validate_semantics(recipe: Recipe, source: str) -> None:
         raise RecipeError(source, "quantization.awq_block_size", f"only for AWQ formats, not {fmt.name!r}")
     if recipe.quantization.smoothquant_alpha is not None and fmt.algorithm != "smoothquant":
         raise RecipeError(source, "quantization.smoothquant_alpha", f"only for SmoothQuant formats, not {fmt.name!r}")
+    if recipe.quantization.keep_16bit and not fmt.quantized:
+        raise RecipeError(source, "quantization.keep_16bit", f"only for quantized formats, not {fmt.name!r}")
     if recipe.engine.max_seq_len < recipe.engine.max_input_len:
         raise RecipeError(source, "engine.max_seq_len", f"must be >= engine.max_input_len ({recipe.engine.max_input_len})")
     if recipe.calibration.batch_size > recipe.calibration.num_samples:
