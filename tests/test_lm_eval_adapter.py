@@ -126,20 +126,24 @@ def test_shared_context_scoring_equals_the_slow_path(pair):
     assert ours.stats["align"].tokens < slow.stats["align"].tokens
 
 
-def test_shared_prefix_generation_equals_plain_generation(pair):
+@pytest.mark.parametrize("max_gen_toks", [10, 40])
+def test_shared_prefix_generation_equals_plain_generation(pair, max_gen_toks):
     """Few-shot prompts sharing their exemplars: the prefix runs once (Engine.generate_shared),
-    the generations equal plain batched generation and lm-eval's HF backend."""
+    the generations equal plain batched generation and lm-eval's HF backend. At 40 tokens rows
+    stop at different steps, so finished rows leave the batch and its KV cache mid-generation."""
     from quantgate.evaluation.lm_eval_adapter import QuantgateLM, _common_prefix
 
     engine, hf = pair[0].engine, pair[1]
     shot = "The for statement is used to iterate over the elements of a sequence.\n\n"
     ends = ["Class definitions", "The import system", "An expression", "x", "The while statement is used for"]
-    gen = {"until": ["\n\n", "."], "max_gen_toks": 10, "do_sample": False}
+    gen = {"until": ["\n\n", "."], "max_gen_toks": max_gen_toks, "do_sample": False}
     reqs = [_inst("generate_until", (shot + e, dict(gen)), i) for i, e in enumerate(ends)]
     fast = QuantgateLM(engine, batch_size=4, show_progress=False)
     slow = QuantgateLM(engine, batch_size=4, show_progress=False, share_contexts=False)
     assert len(_common_prefix([fast.encoder.encode_generation_context(shot + e) for e in ends])) >= 16
     a, b = fast.generate_until(reqs), slow.generate_until(reqs)
-    assert a == b == hf.generate_until(reqs, disable_tqdm=True)
+    assert a == b
+    if max_gen_toks == 10:  # lm-eval's HF backend cuts contexts to max_length - max_gen_toks (63 - 40 is too short)
+        assert a == hf.generate_until(reqs, disable_tqdm=True)
     assert any(s.strip() for s in a)
     assert fast.stats["align"].tokens < slow.stats["align"].tokens

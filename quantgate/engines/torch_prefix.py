@@ -226,22 +226,29 @@ def generate_shared(
             last = prefix_last.expand(n, -1)
         next_pos = p_len + lens
         new: list[list[int]] = [[] for _ in range(n)]
-        done = [False] * n
+        active = list(range(n))  # batch row -> suffix row; finished rows leave the batch
         for step in range(budget):
             tok = head(last).float().argmax(dim=-1)
             ids = tok.tolist()
-            for k in range(n):
-                if done[k]:
+            keep = []
+            for j, k in enumerate(active):
+                new[k].append(ids[j])
+                if ids[j] in eos:
                     continue
-                new[k].append(ids[k])
-                if ids[k] in eos:
-                    done[k] = True
-                elif stop and any(s in engine.tokenizer.decode(new[k][-16:], skip_special_tokens=True) for s in stop if s):
-                    # the last tokens' text holds a stop string (the full text is trimmed below)
-                    done[k] = True
-            if all(done) or step == budget - 1:
+                # the last tokens' text holds a stop string (the full text is trimmed below)
+                if stop and any(s in engine.tokenizer.decode(new[k][-16:], skip_special_tokens=True) for s in stop if s):
+                    continue
+                keep.append(j)
+            if not keep or step == budget - 1:
                 break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=dev)], dim=1)
+            if len(keep) < len(active):
+                # Drop finished rows from the batch and its KV cache: the remaining steps attend
+                # and project only for rows still generating (GSM8K-CoT rows stop at very different lengths).
+                sel = torch.tensor(keep, device=dev)
+                cache.reorder_cache(sel)
+                mask, tok, next_pos = mask[sel], tok[sel], next_pos[sel]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=dev)], dim=1)
             h = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=(next_pos + step)[:, None],
                         past_key_values=cache, use_cache=True).last_hidden_state
             last = h[:, -1]
