@@ -345,6 +345,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         source = f"{shown} (with --set)"
     else:
         source = shown
+    return recipe_from_data(data, source)
+
+
+def recipe_from_data(data: dict[str, Any], source: str) -> Recipe:
+    """Validate merged recipe data (schema, then semantics); errors name `source` in one line."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:

@@ -283,6 +283,8 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, co
     group = k // scales.shape[1]
     if k % scales.shape[1] or not w4a16_configs(group):
         raise ValueError(f"INT4 kernel needs AWQ blocks that divide K and are a multiple of {INT4_MIN_BLOCK} (got {k}/{scales.shape[1]})")
+    if config is not None and group % config["BK"]:
+        raise ValueError(f"tile BK={config['BK']} does not divide the AWQ block {group}")
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     # Few distinct tunings: token counts bucketed by power of two (up to 4096).
     bucket = min(1 << max(m - 1, 0).bit_length(), 4096)
@@ -293,8 +295,6 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, co
     args = (x, packed, scales, out, m, n, k, bucket,
             x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
             out.stride(0), out.stride(1))
-    if config is not None and group % config["BK"]:
-        raise ValueError(f"tile BK={config['BK']} does not divide the AWQ block {group}")
     import triton
 
     if config is None:

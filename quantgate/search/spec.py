@@ -141,7 +141,7 @@ def expand(spec: SearchSpec, spec_path: str | Path, cli_overrides: list[str] | N
     """One recipe per candidate (and per grid combination), validated like a recipe file, ordered
     cheapest first. Every candidate runs with promotion off: only the confirmed winner is
     registered, by the search itself."""
-    from quantgate.recipe import _load_with_extends, apply_overrides, validate_semantics
+    from quantgate.recipe import _load_with_extends
 
     shown = str(spec_path)
     base_path = Path(spec_path).parent / spec.base
@@ -163,7 +163,7 @@ def expand(spec: SearchSpec, spec_path: str | Path, cli_overrides: list[str] | N
                 raise RecipeError(shown, f"{where}.name", f"candidate {name!r} appears twice")
             seen.add(name)
             overrides = [_override(k, v) for k, v in cand.set.items()] + [_override(k, v) for k, v in zip(keys, combo, strict=True)]
-            recipe = _candidate_recipe(base, overrides, list(cli_overrides or []), name, f"{shown} ({where}: {name})", apply_overrides, validate_semantics)
+            recipe = _candidate_recipe(base, overrides, list(cli_overrides or []), name, f"{shown} ({where}: {name})")
             promotion = recipe.promotion.model_copy(deep=True)
             recipe.promotion.enabled = False  # candidates never register; the search registers its confirmed winner
             out.append(Candidate(name, recipe, overrides, bits_per_weight(recipe), promotion, given_index=len(out)))
@@ -174,17 +174,12 @@ def expand(spec: SearchSpec, spec_path: str | Path, cli_overrides: list[str] | N
     return out
 
 
-def _candidate_recipe(base: dict[str, Any], overrides: list[str], cli: list[str], name: str, source: str, apply_overrides: Any, validate_semantics: Any) -> Recipe:
-    from quantgate.recipe import _format_validation_error
+def _candidate_recipe(base: dict[str, Any], overrides: list[str], cli: list[str], name: str, source: str) -> Recipe:
+    from quantgate.recipe import apply_overrides, recipe_from_data
 
     data = apply_overrides(base, overrides + cli)
     data["name"] = name
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as err:
-        key, msg = _format_validation_error(err)
-        raise RecipeError(source, key, msg) from None
-    validate_semantics(recipe, source)
+    recipe = recipe_from_data(data, source)
     from quantgate import formats
 
     if not formats.get_format(recipe.quantization.format).quantized:
