@@ -88,6 +88,18 @@ def throughput(engine, seqs: list[list[int]], repeats: int) -> dict:
             "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps)}
 
 
+def generation(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy decoding throughput (the GSM8K-CoT regime: small GEMMs, launch- and memory-bound)."""
+    engine.generate(prompts[:2], 4)  # this regime's own first call
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = engine.generate(prompts, new_tokens)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    made = sum(len(o.token_ids) for o in outs)
+    return {"prompts": len(prompts), "new_tokens": made, "seconds": round(dt, 3), "new_tokens_per_s": made / dt}
+
+
 def kl_vs_reference(ckpt, spec_kwargs: dict, logits_kernel: torch.Tensor, ids: torch.Tensor) -> dict:
     from quantgate.engines.torch_engine import TorchEngine
     from quantgate.recipe import EngineSpec
@@ -111,13 +123,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--out", default="gpu_kernels.json")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--formats", default="bf16,fp8,int8_sq,int4_awq,bf16")
+    # fp8-separate: the FP8 checkpoint without joining q/k/v and gate/up (kernels.join_fp8_projections)
+    ap.add_argument("--formats", default="bf16,fp8,fp8-separate,int8_sq,int4_awq,bf16")
+    ap.add_argument("--gen-prompts", type=int, default=64)
+    ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--seq-lens", default="512,1024")
     ap.add_argument("--n-seqs", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kl-seqs", type=int, default=4)
     args = ap.parse_args()
     from quantgate.artifacts import Checkpoint
+    from quantgate.engines import kernels as kern
     from quantgate.engines.torch_engine import TorchEngine
     from quantgate.recipe import EngineSpec
 
@@ -138,9 +154,12 @@ def main() -> None:
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
     data = {n: torch.randint(0, vocab, (args.n_seqs, n), generator=g).tolist() for n in seq_lens}
     kl_ids = torch.randint(0, vocab, (args.kl_seqs, 256), generator=g)
+    gen_prompts = torch.randint(0, vocab, (args.gen_prompts, 200), generator=g).tolist()
+    joiner = kern.join_fp8_projections
     spec_kwargs = dict(device="cuda", max_batch_size=8, max_input_len=2048, max_seq_len=2304)
     for i, fmt in enumerate(args.formats.split(",")):
-        d = src if fmt == "bf16" else work / fmt
+        d = src if fmt == "bf16" else work / fmt.split("-")[0]
+        kern.join_fp8_projections = joiner if fmt != "fp8-separate" else (lambda model: {})
         ckpt = Checkpoint(path=str(d), format=fmt, quant_algo=None, dtype="bfloat16", size_bytes=0)
         row: dict = {"format": fmt, "order": i,
                      "checkpoint_file_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors"))}
@@ -156,6 +175,9 @@ def main() -> None:
             row["load_peak_over_checkpoint"] = (mem["load_peak_gpu_bytes"] - base) / mem["checkpoint_tensor_bytes"]
             for n in seq_lens:
                 row[f"score_{n}"] = throughput(engine, data[n], args.repeats)
+            if args.gen_tokens:
+                row["generate"] = generation(engine, gen_prompts, args.gen_tokens)
+            row.update({k: v for k, v in engine.settings.items() if k in ("joined_groups", "fused_mlps")})
             with torch.inference_mode():
                 kernel_logits = engine.model(input_ids=kl_ids.cuda()).logits.float().cpu()
             engine.close()

@@ -155,6 +155,49 @@ def test_streaming_loader_reads_synthetic_checkpoint_on_cpu(tiny_model_dir, tmp_
     assert stats["checkpoint_tensor_bytes"] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_joined_fp8_projections_compute_the_separate_layers(tiny_model_dir, tmp_path, monkeypatch, dtype):
+    """q/k/v and gate/up joined (one quantization, one row-wise-scaled GEMM in bf16, shared input
+    in fp16; SiLU-and-multiply fused into down_proj's quantization) give the separate FP8 layers'
+    logits, and hold no activation between calls. torch's _scaled_mm runs on CPU too, so the
+    kernel path is exercised here with eager quantizers (compiled ones are the CUDA tests')."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok("The for statement iterates over the items of any sequence. " * 4, return_tensors="pt").input_ids
+    ckpt = write_quantized(model, tiny_model_dir, tmp_path / "fp8", "fp8", activation_amax(model, ids))
+    eager = {"fp8_quant": kern._fp8_quant, "fp8_silu_mul_quant": kern._fp8_silu_mul_quant}
+    monkeypatch.setattr(kern, "_compiled", lambda name: eager[name])
+    monkeypatch.setattr(kern, "kernel_support", lambda *a, **k: (True, ""))
+    real_join, joining = kern.join_fp8_projections, {"on": False}
+    monkeypatch.setattr(kern, "join_fp8_projections", lambda m: real_join(m) if joining["on"] else {})
+    logits, stats = {}, {}
+    for join in (False, True):
+        joining["on"] = join
+        got, stats[join] = load_exported_model(ckpt, "cpu", dtype, kernels="auto")
+        with torch.inference_mode():
+            logits[join] = got(ids).logits.float()
+            if join:
+                # 12 tokens, then 7: a new input starts a new round; nothing stays referenced after one
+                a, b = got(ids[:, :12]).logits.float(), got(ids[:, :7]).logits.float()
+                assert torch.allclose(a[:, :7], b, atol=5e-2)
+                rounds = [m._round for m in got.modules() if isinstance(m, kern.JoinedProjections)]
+                assert rounds and all(r is None for r in rounds)
+    assert stats[True]["joined_groups"] == 4 and stats[True]["fused_mlps"] == 2  # 2 layers x (q/k/v, gate/up)
+    layer0 = got.model.layers[0]
+    extra = stats[True]["resident_tensor_bytes"] - stats[False]["resident_tensor_bytes"]
+    if dtype == torch.bfloat16:  # + one fp32 weight scale per output column instead of one per layer
+        widths = 2 * (layer0.self_attn.q_k_v_joined.layer.out_features + layer0.mlp.gate_up.out_features)
+        assert 0 < extra <= 4 * widths
+        assert layer0.mlp.gate_up.weight_scale.shape == (1, 2 * model.config.intermediate_size)
+    else:
+        assert extra == 0 and isinstance(layer0.mlp.gate_up, kern.Fp8SharedInput)
+    assert isinstance(layer0.self_attn.k_proj, kern.ProjectionOf)
+    kl = _token_kl(logits[False], logits[True])
+    assert torch.isfinite(logits[True]).all() and float(kl.max()) < 1e-4, float(kl.max())
+
+
 # ---- CUDA: the real kernels -----------------------------------------------------------------------------
 
 

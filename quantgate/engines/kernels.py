@@ -103,6 +103,12 @@ def _fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+def _fp8_silu_mul_quant(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # A gated MLP's down_proj input, quantized in the same kernel that computes it (eager would
+    # write silu(gate) * up in 16 bits and read it back to quantize).
+    return _fp8_quant(torch.nn.functional.silu(gate) * up, scale)
+
+
 def _int4_dequant(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     b = packed.to(torch.int16)
     lo = b & 15
@@ -114,7 +120,8 @@ def _int4_dequant(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
 
 @functools.cache
 def _compiled(name: str) -> Any:
-    fn = {"fp8_quant": _fp8_quant, "int8_linear": _int8_linear, "int4_dequant": _int4_dequant}[name]
+    fn = {"fp8_quant": _fp8_quant, "fp8_silu_mul_quant": _fp8_silu_mul_quant, "int8_linear": _int8_linear,
+          "int4_dequant": _int4_dequant}[name]
     # dynamic=True: one graph for every token count (lm-eval batches vary in length).
     try:
         return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
@@ -122,32 +129,180 @@ def _compiled(name: str) -> Any:
         return torch.compile(fn, dynamic=True)
 
 
+def fp8_quantize(x2: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(E4M3 codes of the 2-D activation, padded to a multiple of 16 rows as _scaled_mm wants; real rows)."""
+    m = x2.shape[0]
+    pad = (-m) % 16
+    if pad:
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
+    return _compiled("fp8_quant")(x2, input_scale.to(x2.dtype)), m
+
+
 class Fp8Linear(nn.Module):
-    """y = scaled_mm(fp8(x / s_x), W_fp8^T) * s_x * s_w (+ bias); W stays E4M3 in memory."""
+    """y = scaled_mm(fp8(x / s_x), W_fp8^T) * s_x * s_w (+ bias); W stays E4M3 in memory.
+
+    A joined layer (`join_fp8`: q/k/v or gate/up side by side) has one weight scale per output
+    column, (1, N), and uses _scaled_mm's row-wise scaling: the same products and scales per column."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("weight_scale", weight_scale.float().reshape(()))
+        rowwise = weight_scale.numel() > 1
+        self.register_buffer("weight_scale", weight_scale.float().reshape((1, -1) if rowwise else ()).contiguous())
         # The reference path quantizes with the scale rounded to the compute dtype; use the same grid.
         self.register_buffer("input_scale", input_scale.float().to(out_dtype).float().reshape(()))
         self.register_buffer("bias", bias)
         self.out_dtype = out_dtype
 
+    def gemm(self, xq: torch.Tensor) -> torch.Tensor:
+        """The product for quantized (padded) rows; the caller drops the padding rows."""
+        scale_a = self.input_scale
+        if self.weight_scale.ndim:
+            scale_a = scale_a.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale,
+                                bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        m = x2.shape[0]
-        pad = (-m) % 16  # _scaled_mm wants both dims of A divisible by 16
-        if pad:
-            x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-        xq = _compiled("fp8_quant")(x2, self.input_scale.to(x2.dtype))
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                             bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=False)
-        if pad:
-            y = y[:m]
-        return y.reshape(*shape[:-1], self.out_features)
+        xq, m = fp8_quantize(x.reshape(-1, shape[-1]), self.input_scale)
+        return self.gemm(xq)[:m].reshape(*shape[:-1], self.out_features)
+
+
+class Fp8SharedInput(nn.Module):
+    """FP8 projections of one input with one quantization and a GEMM each: the join where
+    row-wise scaling is not available (16-bit float output: torch's row-wise FP8 GEMM writes bf16)."""
+
+    def __init__(self, members: list[Fp8Linear]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(members)
+        self.input_scale = members[0].input_scale
+        self.in_features, self.out_features = members[0].in_features, sum(m.out_features for m in members)
+
+    def gemm(self, xq: torch.Tensor) -> list[torch.Tensor]:
+        return [m.gemm(xq) for m in self.parts]
+
+
+def join_fp8(members: list[Fp8Linear]) -> Fp8Linear | Fp8SharedInput | None:
+    """One layer for FP8 projections of the same input (ModelOpt's export gives q/k/v and gate/up
+    one input scale so engines can fuse them), or None when they do not share an input scale."""
+    first = members[0]
+    if not all(isinstance(m, Fp8Linear) and m.in_features == first.in_features and m.out_dtype == first.out_dtype
+               and m.weight_scale.ndim == 0 and torch.equal(m.input_scale, first.input_scale) for m in members):
+        return None
+    if first.out_dtype != torch.bfloat16 or any(m.bias is not None for m in members):
+        return Fp8SharedInput(members)
+    weight = torch.cat([m.weight for m in members])
+    scale = torch.cat([m.weight_scale.expand(m.out_features) for m in members])
+    for m in members:  # the joined copy replaces them; free as we go (peak + one group)
+        m.weight = None  # type: ignore[assignment]
+    return Fp8Linear(weight, scale, first.input_scale, None, first.out_dtype)
+
+
+def _split(y: torch.Tensor | list[torch.Tensor], sizes: list[int], m: int) -> list[torch.Tensor]:
+    parts = y if isinstance(y, list) else list(y.split(sizes, dim=-1))
+    return [p[:m] for p in parts]
+
+
+class JoinedProjections(nn.Module):
+    """The projections of one input computed together. The model still calls q_proj(x), k_proj(x),
+    v_proj(x) one by one: the first call computes all of them, the next ones (same tensor, not
+    modified since) take their part; an input seen for the first time starts a new round."""
+
+    def __init__(self, layer: Fp8Linear | Fp8SharedInput, sizes: list[int]) -> None:
+        super().__init__()
+        self.layer, self.sizes = layer, sizes
+        self._round: tuple[torch.Tensor, int, list[torch.Tensor | None]] | None = None
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        shape = x.shape
+        xq, m = fp8_quantize(x.reshape(-1, shape[-1]), self.layer.input_scale)
+        return [p.reshape(*shape[:-1], p.shape[-1]) for p in _split(self.layer.gemm(xq), self.sizes, m)]
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        r = self._round
+        if r is None or r[0] is not x or r[1] != _version(x) or r[2][index] is None:
+            r = self._round = (x, _version(x), list(self.outputs(x)))
+        y = r[2][index]
+        r[2][index] = None
+        if all(p is None for p in r[2]):
+            self._round = None  # hold nothing between rounds (the input and parts are activations)
+        assert y is not None
+        return y
+
+
+def _version(x: torch.Tensor) -> int:
+    try:
+        return x._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be modified in place)
+        return -1
+
+
+class ProjectionOf(nn.Module):
+    """Stands where q_proj (etc.) was: its part of the joined projections' output."""
+
+    def __init__(self, joined: JoinedProjections, index: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "joined", joined)  # not a submodule: the weights belong to the parent's join
+        self.index = index
+        self.in_features, self.out_features = joined.layer.in_features, joined.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.joined.part(self.index, x)
+
+
+class Fp8GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) of Llama-style MLPs: gate and up joined, and down_proj's input
+    quantized in the kernel that computes it."""
+
+    def __init__(self, gate_up: Fp8Linear | Fp8SharedInput, sizes: list[int], down: Fp8Linear) -> None:
+        super().__init__()
+        self.gate_up, self.sizes, self.down_proj = gate_up, sizes, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xq, m = fp8_quantize(x.reshape(-1, shape[-1]), self.gate_up.input_scale)
+        gate, up = _split(self.gate_up.gemm(xq), self.sizes, xq.shape[0])
+        hq = _compiled("fp8_silu_mul_quant")(gate, up, self.down_proj.input_scale.to(gate.dtype))
+        return self.down_proj.gemm(hq)[:m].reshape(*shape[:-1], self.down_proj.out_features)
+
+
+# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) with SiLU.
+GATED_SILU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+JOINABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def join_fp8_projections(model: nn.Module) -> dict[str, int]:
+    """Join FP8 projections that read the same input (q/k/v, gate/up) into one quantization and
+    one GEMM, and fuse SiLU-and-multiply into down_proj's quantization; counts of what was joined."""
+    counts = {"joined_groups": 0, "fused_mlps": 0}
+    for name, parent in list(model.named_modules()):
+        for names in JOINABLE:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, Fp8Linear) for m in members):
+                continue
+            sizes = [m.out_features for m in members]  # type: ignore[union-attr]
+            down, act = getattr(parent, "down_proj", None), getattr(parent, "act_fn", None)
+            fuse_mlp = (names[0] == "gate_proj" and type(parent).__name__ in GATED_SILU_MLPS and isinstance(down, Fp8Linear)
+                        and type(act).__name__ in ("SiLU", "SiLUActivation"))
+            layer = join_fp8(members)  # type: ignore[arg-type]
+            if layer is None:
+                continue
+            counts["joined_groups"] += 1
+            if fuse_mlp:
+                counts["fused_mlps"] += 1
+                _replace(model, name, Fp8GatedMLP(layer, sizes, down))  # type: ignore[arg-type]
+                continue
+            joined = JoinedProjections(layer, sizes)
+            parent.add_module("_".join(n.split("_")[0] for n in names) + "_joined", joined)
+            for i, n in enumerate(names):
+                setattr(parent, n, ProjectionOf(joined, i))
+    return counts
+
+
+def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 # ---- INT8 SmoothQuant ---------------------------------------------------------------------------

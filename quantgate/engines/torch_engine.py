@@ -236,12 +236,13 @@ def load_exported_model(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise StageError("engine", f"checkpoint tensors do not match the architecture: missing {left[:4]}")
+    joined = kern.join_fp8_projections(model) if use_kernels and algo == "FP8" else {}
     resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     return model, {
         "quant_algo": algo, "quantized_layers": len(quantized),
         "kernels": "real" if use_kernels and quantized else "reference",
         **({"kernels_fallback": why} if quantized and not use_kernels and kernels != "reference" else {}),
-        "checkpoint_tensor_bytes": file_bytes, "resident_tensor_bytes": resident,
+        "checkpoint_tensor_bytes": file_bytes, "resident_tensor_bytes": resident, **joined,
     }
 
 
