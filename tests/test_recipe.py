@@ -99,3 +99,15 @@ def test_cli_help_and_validate_do_not_import_heavy_libraries():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout + proc.stderr
+
+
+def test_cache_prepare_needs_recipes_and_converts_their_models(tmp_path, tiny_model_dir, capsys):
+    from quantgate.cli import main
+
+    assert main(["cache", "prepare"]) == 2
+    assert "name the recipes" in capsys.readouterr().err
+    (tmp_path / "_base.yaml").write_text((RECIPES / "_base.yaml").read_text())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((RECIPES / "fp8.yaml").read_text() + f"model:\n  source: {tiny_model_dir}\n")
+    assert main(["cache", "prepare", str(recipe)]) == 0
+    assert str(tiny_model_dir) in capsys.readouterr().out

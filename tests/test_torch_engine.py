@@ -112,3 +112,17 @@ def test_quantized_kv_cache_is_refused_not_ignored(tiny_model_dir, tmp_path):
     with pytest.raises(Exception, match="KV cache"):
         load_exported_model(d, "cpu", torch.float32)
     assert EngineLimits().max_batch_size == 8
+
+
+def test_fp8_fake_quant_table_lookup_equals_the_cast():
+    """On CPU the E4M3 values are read from a 256-entry table (faster than torch's cast): the
+    same numbers for every code, ties, subnormals and the clamp at +-448."""
+    from quantgate.engines.torch_engine import fp8_fake_quant
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200_000, generator=g) * 100, torch.randn(200_000, generator=g) * 0.01,
+                   torch.linspace(-470, 470, 100_000), torch.tensor([0.0, -0.0, 2**-9, 2**-10, 3 * 2**-11, 448.0, 464.0, -500.0])])
+    for scale in (torch.tensor(1.0), torch.tensor(0.0173)):
+        want = (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale
+        got = fp8_fake_quant(x.reshape(-1, 8), scale).reshape(-1)
+        assert torch.equal(got, want)

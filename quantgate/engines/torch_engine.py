@@ -75,8 +75,16 @@ def dequantize_weight(
     raise StageError("engine", f"unsupported quantized weight dtype {weight.dtype} for {quant_algo}")
 
 
+# The 256 E4M3 values in fp32, indexed by bit pattern: on CPU, reading them from this table is
+# 2-3x faster than torch's element-wise float8 -> float32 cast (the largest cost of fake-quant there).
+_FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
 def fp8_fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.take(_FP8_VALUES, q.view(torch.uint8).long()) * scale  # same values as q.to(x.dtype)
+    return q.to(x.dtype) * scale
 
 
 def int8_fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
