@@ -16,8 +16,9 @@
 #                    two files quantgate reads) and smart_open
 #   call 3 `setup standard`: .carry/g3/whl = lm-eval, datasets, ModelOpt, pydantic... (PuLP without
 #                    its CBC binaries), then the runs
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|standard|kernels|ladder|separate|big|resume [...]
-# (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds)
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|gputests|kernelbench|standard|kernels|ladder|separate|big|resume [...]
+# (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds; BIG_BATCH: batch size of `big`/`resume`/`standard`;
+#  KB_FORMATS: formats of `kernelbench`)
 set -uo pipefail
 out=${1:?usage: gpu_standard.sh OUT STEP...}
 shift
@@ -26,7 +27,7 @@ keep=$PWD/.carry/keep
 site=$keep/site
 export PYTHONPATH=$site:$PWD QUANTGATE_CACHE=$keep/cache TORCH_EXTENSIONS_DIR=$keep/torch_ext HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 common=(--set tracking.enabled=false --set promotion.enabled=false --set engine.device=cuda --json)
-big=(--set engine.max_batch_size=128 --set evaluation.batch_size=128)
+big=(--set engine.max_batch_size=${BIG_BATCH:-128} --set evaluation.batch_size=${BIG_BATCH:-128})
 
 step() {  # name, timeout, command...: stdout -> OUT/name.json, stderr -> OUT/name.log, wall time -> OUT/walls.txt
   local name=$1 limit=$2
@@ -54,6 +55,10 @@ for s in "$@"; do
       python3 -c 'import lm_eval, modelopt, datasets, pydantic, gensim.corpora.wikicorpus; print("imports ok")' 2>&1 | tail -1 ;;
     standard)  # cut by a call's limit? run it again in the next call: it resumes after its last complete stage
       step default_standard 560 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
+    gputests)  # the CUDA tests (marked gpu) of the kernels: real kernels vs the reference path
+      step pytest_gpu 240 python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider ;;
+    kernelbench)  # issue 12: FP8 (joined and separate projections) vs bf16 on the Llama-3.1-8B shape
+      step gpu_kernels 330 python3 bench/gpu_kernels.py --out "$out/gpu_kernels.json" --formats "${KB_FORMATS:-bf16,fp8,fp8-separate}" ;;
     kernels)
       step default_fp8_reference 200 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=reference
       step default_fp8_auto 130 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=auto ;;
@@ -63,8 +68,8 @@ for s in "$@"; do
       step build_8b 200 python3 bench/build_random_model.py "$models/llama-8b" --shape llama-3.1-8b --tokenizer "$tok"
       step big_fp8_standard "${BIG_TIMEOUT:-470}" python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
         --set model.source="$models/llama-8b" --set model.dtype=bfloat16 ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
-    ladder)  # issue 14: the whole ladder of searches/default.yaml as one search, cold caches of its own
-      QUANTGATE_CACHE=$keep/cache_search step search_full 590 python3 -m quantgate.cli search searches/default.yaml --full \
+    ladder)  # issue 14: the whole ladder of searches/default.yaml as one search (the first run on a fresh machine: cold caches)
+      step search_full 590 python3 -m quantgate.cli search searches/default.yaml --full \
         --set tracking.enabled=false --set engine.device=cuda --set output_dir=runs_search --json ;;
     separate)  # the same 7 candidates as 7 `quantgate run` processes, one after another, cold caches of their own
       for c in "int4_awq awq_block_size=64" "int4_awq awq_block_size=32" "w4a8_awq awq_block_size=64" "fp8 format=fp8" \

@@ -222,24 +222,27 @@ def test_kernel_layer_matches_reference_layer_on_cuda(fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_kernels_match_reference_path_per_token_kl(tiny_model_dir, tmp_path, fmt):
-    """Same checkpoint, both paths on CUDA: per-token KL(reference || kernels) <= 1e-3."""
+@pytest.mark.parametrize("fmt,dtype", [*((f, "bfloat16") for f in FORMATS), ("fp8", "float16")])
+def test_kernels_match_reference_path_per_token_kl(tiny_model_dir, tmp_path, fmt, dtype):
+    """Same checkpoint, both paths on CUDA: per-token KL(reference || kernels) <= 1e-3. FP8 in
+    bf16 joins q/k/v and gate/up with row-wise scales; in fp16 they share one quantized input."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantgate.engines.torch_engine import TorchEngine
     from quantgate.recipe import EngineSpec
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype)).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = "The for statement iterates over the items of any sequence, in the order that they appear. " * 3
     ids = tok([text, "A class definition defines a class object. " * 6], return_tensors="pt", padding=True).input_ids
     ckpt_dir = write_quantized(model, tiny_model_dir, tmp_path / fmt, fmt, activation_amax(model, ids))
-    ckpt = Checkpoint(path=str(ckpt_dir), format=fmt, quant_algo=None, dtype="bfloat16", size_bytes=0)
+    ckpt = Checkpoint(path=str(ckpt_dir), format=fmt, quant_algo=None, dtype=dtype, size_bytes=0)
     logits = {}
     for mode in ("reference", "auto"):
         engine = TorchEngine.load(ckpt, EngineSpec(device="cuda", kernels=mode, max_seq_len=512, max_input_len=256))
         assert engine.settings["kernels"] == ("real" if mode == "auto" else "reference")
+        if mode == "auto" and fmt == "fp8":
+            assert engine.settings["joined_groups"] == 4 and engine.settings["fused_mlps"] == 2
         with torch.inference_mode():
             logits[mode] = engine.model(input_ids=ids.cuda()).logits.float().cpu()
         assert engine.one_time_costs()["warmup_s"] >= 0

@@ -190,13 +190,26 @@ def join_fp8(members: list[Fp8Linear]) -> Fp8Linear | Fp8SharedInput | None:
     if not all(isinstance(m, Fp8Linear) and m.in_features == first.in_features and m.out_dtype == first.out_dtype
                and m.weight_scale.ndim == 0 and torch.equal(m.input_scale, first.input_scale) for m in members):
         return None
-    if first.out_dtype != torch.bfloat16 or any(m.bias is not None for m in members):
+    if first.out_dtype != torch.bfloat16 or any(m.bias is not None for m in members) or not _rowwise_fp8_works(first.weight.device):
         return Fp8SharedInput(members)
     weight = torch.cat([m.weight for m in members])
     scale = torch.cat([m.weight_scale.expand(m.out_features) for m in members])
     for m in members:  # the joined copy replaces them; free as we go (peak + one group)
         m.weight = None  # type: ignore[assignment]
     return Fp8Linear(weight, scale, first.input_scale, None, first.out_dtype)
+
+
+@functools.cache
+def _rowwise_fp8_works(device: torch.device) -> bool:
+    """Whether this torch/GPU runs _scaled_mm with row-wise scales (bf16 output, fp32 accumulation)."""
+    try:
+        a = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+        b = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(a, b.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.full((1, 16), 2.0, device=device),
+                             out_dtype=torch.bfloat16, use_fast_accum=False)
+        return bool((y == 64).all())
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def _split(y: torch.Tensor | list[torch.Tensor], sizes: list[int], m: int) -> list[torch.Tensor]:
