@@ -138,6 +138,11 @@ def main() -> None:
     from quantgate.recipe import EngineSpec
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qg-kernels-"))
+    if not args.workdir:  # ~40 GB of 8B checkpoints: a full disk fails the next job on the machine
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, work, True)
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
                  "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"], "rows": [], "errors": []}
     try:

@@ -58,7 +58,7 @@ for s in "$@"; do
     gputests)  # the CUDA tests (marked gpu) of the kernels: real kernels vs the reference path
       step pytest_gpu 240 python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider ;;
     kernelbench)  # issue 12: FP8 (joined and separate projections) vs bf16 on the Llama-3.1-8B shape
-      step gpu_kernels 330 python3 bench/gpu_kernels.py --out "$out/gpu_kernels.json" --formats "${KB_FORMATS:-bf16,fp8,fp8-separate}" ;;
+      step gpu_kernels_stdout 330 python3 bench/gpu_kernels.py --out "$out/gpu_kernels.json" --formats "${KB_FORMATS:-bf16,fp8,fp8-separate}" ;;
     kernels)
       step default_fp8_reference 200 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=reference
       step default_fp8_auto 130 python3 -m quantgate.cli run recipes/fp8.yaml "${common[@]}" --set engine.kernels=auto ;;

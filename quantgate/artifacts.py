@@ -32,6 +32,8 @@ class CalibrationInfo(Artifact):
     content_sha256: str
     tokens: int
     seconds: float
+    auto_quantize: dict[str, Any] | None = None
+    """Format auto_quantize: the budget and how many layers got each format (None otherwise)."""
 
 
 class Checkpoint(Artifact):

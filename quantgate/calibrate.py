@@ -111,8 +111,12 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
     """Quantize `model` in place. `data`: pre-tokenized batches (default: built from the recipe)."""
     import torch
 
-    if fmt.uses_awq:
-        check_awq_block_size(model, recipe.quantization.awq_block_size or fmt.default_awq_block_size or 128)
+    from quantgate.formats import get_format
+
+    subformats = [get_format(n) for n in recipe.quantization.auto_quantize.formats] if fmt.is_auto and recipe.quantization.auto_quantize else []
+    for f in [fmt, *subformats]:
+        if f.uses_awq:
+            check_awq_block_size(model, recipe.quantization.awq_block_size or f.default_awq_block_size or 128)
     # A NaN weight gives NaN ranges (ModelOpt asserts mid-calibration without naming the layer).
     bad = nonfinite_weights(model)
     if bad:
@@ -120,7 +124,7 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
     if data is None:
         data = calibration_batches(recipe.calibration, tokenizer)
     keep = resolve_keep_16bit(model, recipe.quantization.keep_16bit)
-    cfg = fmt.build_modelopt_config(recipe.quantization, keep)
+    cfg = fmt.build_modelopt_config(recipe.quantization, keep) if not fmt.is_auto else {}
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
 
@@ -136,9 +140,13 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
             body(input_ids=batch.to(device))
 
     t0 = time.perf_counter()
+    choice: dict[str, Any] = {}
     try:
-        with torch.no_grad():
-            mtq.quantize(model, cfg, forward_loop)
+        if fmt.is_auto:
+            choice = _auto_quantize(model, recipe, subformats, keep, data, device)
+        else:
+            with torch.no_grad():
+                mtq.quantize(model, cfg, forward_loop)
     except AssertionError as err:  # ModelOpt's max calibrator: "detected nan values in amax"
         if "nan" not in str(err).lower():
             raise
@@ -152,5 +160,48 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
     return CalibrationInfo(
         dataset=recipe.calibration.dataset, num_samples=recipe.calibration.num_samples,
         seq_len=recipe.calibration.seq_len, seed=recipe.calibration.seed,
-        content_sha256=data.sha256, tokens=data.tokens, seconds=round(seconds, 3),
+        content_sha256=data.sha256, tokens=data.tokens, seconds=round(seconds, 3), **choice,
+    )
+
+
+def _auto_quantize(model: Any, recipe: Recipe, subformats: list[FormatSpec], keep: list[str], data: CalibrationBatches, device: str) -> dict[str, Any]:
+    """ModelOpt auto_quantize: calibrate every candidate format, score each layer's sensitivity
+    (loss gradients or KL on the calibration batches), then pick per layer a format or 16-bit so
+    the average weight bits meet the budget. Returns what was chosen, for the record."""
+    from collections import Counter
+
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    aq = recipe.quantization.auto_quantize
+    assert aq is not None
+    batches = [b.to(device) for b in data.batches]
+    score = batches[: max(1, -(-(aq.score_samples or recipe.calibration.num_samples) // recipe.calibration.batch_size))]
+    with torch.enable_grad():  # the gradient method backpropagates the loss
+        try:
+            model, state = _run_auto_quantize(mtq, model, aq, recipe, subformats, keep, batches, score)
+        except ValueError as err:
+            if "infeasible" not in str(err):
+                raise
+            # e.g. "The effective_bits target 6.0 is infeasible ... The minimum achievable effective bits is 7.43."
+            # (lm_head and other 16-bit layers count in the average)
+            raise PreflightError(f"quantization.auto_quantize.effective_bits: ModelOpt: {str(err).splitlines()[0]} Raise the budget.") from None
+    model.zero_grad(set_to_none=True)
+    best = state.get("best", {})
+    recipes = best.get("recipe", {}) if isinstance(best, dict) else {}
+    counts = Counter(str(v) for v in recipes.values()) if isinstance(recipes, dict) else Counter()
+    log.info("auto_quantize (%s, effective bits <= %g): %s; effective bits %s", aq.method, aq.effective_bits,
+             dict(counts), best.get("constraints") if isinstance(best, dict) else "?")
+    return {"auto_quantize": {"effective_bits_budget": aq.effective_bits, "groups_per_choice": dict(counts),
+                              "achieved": best.get("constraints") if isinstance(best, dict) else None}}
+
+
+def _run_auto_quantize(mtq: Any, model: Any, aq: Any, recipe: Recipe, subformats: list[FormatSpec], keep: list[str],
+                       batches: list[Any], score: list[Any]) -> tuple[Any, dict[str, Any]]:
+    return mtq.auto_quantize(
+        model, constraints={"effective_bits": aq.effective_bits},
+        quantization_formats=[f.build_modelopt_config(recipe.quantization) for f in subformats],
+        data_loader=batches, forward_step=lambda m, b: m(input_ids=b, labels=b), loss_func=lambda out, b: out.loss,
+        num_calib_steps=len(batches), num_score_steps=len(score), method=aq.method,
+        disabled_layers=["*lm_head*", *(f"{g}*" for g in keep)], verbose=False,
     )

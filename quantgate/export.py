@@ -43,7 +43,8 @@ def cast_weights_keep_quantizers(model: Any, dtype: Any) -> None:
                 module._buffers[name] = buf.to(dtype)
 
 
-def export_checkpoint(model: Any, tokenizer: Any, fmt: FormatSpec, dtype: str, out_dir: Path) -> Checkpoint:
+def export_checkpoint(model: Any, tokenizer: Any, fmt: FormatSpec, dtype: str, out_dir: Path, expect_algos: set[str | None] | None = None) -> Checkpoint:
+    """`expect_algos`: quant_algo values the export may write (default: the format's own)."""
     import torch
 
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -70,7 +71,9 @@ def export_checkpoint(model: Any, tokenizer: Any, fmt: FormatSpec, dtype: str, o
         size_bytes=dir_size(out_dir), export_seconds=round(time.perf_counter() - t0, 3),
     )
     written = (ckpt.hf_quant_config() or {}).get("quantization", {}).get("quant_algo")
-    if written != fmt.quant_algo:
-        raise StageError("export", f"export wrote quant_algo {written!r}, expected {fmt.quant_algo!r}")
+    expected = expect_algos or {fmt.quant_algo}
+    if written not in expected:
+        raise StageError("export", f"export wrote quant_algo {written!r}, expected {' or '.join(map(repr, sorted(expected, key=str)))}")
+    ckpt.quant_algo = written
     log.info("exported %s checkpoint: %.1f MB in %.1f s", fmt.name, ckpt.size_bytes / 1e6, ckpt.export_seconds)
     return ckpt

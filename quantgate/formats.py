@@ -22,7 +22,7 @@ class FormatSpec:
     description: str
     modelopt_config: str | None
     """Attribute of `modelopt.torch.quantization` holding the base config (None: no quantization)."""
-    algorithm: Literal["none", "max", "smoothquant", "awq_lite"]
+    algorithm: Literal["none", "max", "smoothquant", "awq_lite", "auto_quantize"]
     export_kind: Literal["hf", "unified"]
     """'hf': plain 16-bit HF checkpoint; 'unified': ModelOpt `export_hf_checkpoint`."""
     quant_algo: str | None
@@ -40,7 +40,20 @@ class FormatSpec:
 
     @property
     def quantized(self) -> bool:
-        return self.modelopt_config is not None
+        return self.modelopt_config is not None or self.is_auto
+
+    @property
+    def is_auto(self) -> bool:
+        """ModelOpt auto_quantize: per-layer formats chosen under a bits budget (quantization.auto_quantize)."""
+        return self.algorithm == "auto_quantize"
+
+    def export_algos(self, spec: QuantizationSpec) -> set[str | None]:
+        """quant_algo values the export may write: auto_quantize writes MIXED_PRECISION, or a single
+        format's name when it kept only one format (the rest 16-bit)."""
+        if not self.is_auto:
+            return {self.quant_algo}
+        subs = spec.auto_quantize.formats if spec.auto_quantize else []
+        return {"MIXED_PRECISION", *(get_format(n).quant_algo for n in subs)}
 
     def build_modelopt_config(self, spec: QuantizationSpec, keep_16bit: list[str] | None = None) -> dict[str, Any]:
         """A fresh ModelOpt config dict for `mtq.quantize`, with the recipe's settings applied.
@@ -96,6 +109,11 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec(
             "w4a8_awq", "INT4 AWQ weights with FP8 activations (W4A8)",
             "W4A8_AWQ_BETA_CFG", "awq_lite", "unified", "W4A8_AWQ", (8, 9), True, 4, 128,
+        ),
+        FormatSpec(
+            "auto_quantize", "ModelOpt auto_quantize: each layer gets one of quantization.auto_quantize.formats "
+            "or stays 16-bit, chosen by loss sensitivity under an effective-bits budget",
+            None, "auto_quantize", "unified", "MIXED_PRECISION", (8, 9), True, 8,
         ),
         FormatSpec(
             "nvfp4", "NVFP4 weights and activations (Blackwell)",

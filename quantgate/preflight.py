@@ -28,7 +28,7 @@ TRTLLM_INSTALL = (
 )
 ARCH_NAMES = {(8, 0): "Ampere", (8, 9): "Ada/Hopper", (9, 0): "Hopper", (10, 0): "Blackwell"}
 # quant_algo values the torch backend reproduces (quantgate/engines/torch_engine.py SUPPORTED_ALGOS).
-TORCH_ENGINE_ALGOS = {None, "FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ"}
+TORCH_ENGINE_ALGOS = {None, "FP8", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ", "MIXED_PRECISION"}
 # SmolLM2-135M (STACK.md): known without converting the bundled GGUF.
 BUNDLED_CONFIGS: dict[str, dict[str, Any]] = {
     "bundled:SmolLM2-135M-Instruct": {
@@ -231,7 +231,11 @@ def preflight(recipe: Recipe, *, longest_prompt_tokens: int | None = None) -> Pr
     if q.kv_cache != "none":
         desc += f", KV cache {q.kv_cache}"
     report.lines.insert(0, desc)
-    if fmt.quantized:
+    if fmt.is_auto and q.auto_quantize:
+        aq = q.auto_quantize
+        report.lines.insert(1, f"calibration: ModelOpt auto_quantize ({aq.method} sensitivity) over {', '.join(aq.formats)} and 16-bit, "
+                               f"effective bits <= {aq.effective_bits:g}, on {report.calibration_device}")
+    elif fmt.quantized:
         report.lines.insert(1, f"calibration: ModelOpt {fmt.modelopt_config} ({fmt.algorithm}) on {report.calibration_device}")
     else:
         report.lines.insert(1, "calibration: none (16-bit baseline format)")
@@ -333,6 +337,15 @@ def preflight_torch(recipe: Recipe, fmt: FormatSpec) -> PreflightReport:
             f"quantization.kv_cache={q.kv_cache} is only reproduced by TensorRT-LLM; with engine.backend=torch "
             "set quantization.kv_cache=none"
         )
+    from quantgate.formats import get_format
+
+    subs = [get_format(n) for n in q.auto_quantize.formats] if fmt.is_auto and q.auto_quantize else []
+    for sub in subs:
+        if sub.quant_algo not in TORCH_ENGINE_ALGOS:
+            raise PreflightError(
+                f"quantization.auto_quantize.formats: {sub.name} ({sub.quant_algo}) is not reproduced by engine.backend=torch; "
+                "leave it out or use engine.backend=tensorrt-llm on a GPU that runs it"
+            )
     if fmt.quant_algo not in TORCH_ENGINE_ALGOS:
         raise PreflightError(
             f"quantization.format={fmt.name} ({fmt.quant_algo}) is not reproduced by engine.backend=torch; "

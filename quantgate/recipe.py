@@ -65,6 +65,31 @@ class QuantizationSpec(_Strict):
         "or 'first_block' / 'last_block' (the model's first / last decoder layer). ModelOpt's configs already "
         "keep lm_head 16-bit. Applied through ModelOpt's config, so calibration and export both skip them.",
     )
+    auto_quantize: AutoQuantizeSpec | None = Field(
+        None, description="Settings of format 'auto_quantize' (required there, refused elsewhere)."
+    )
+
+
+class AutoQuantizeSpec(_Strict):
+    effective_bits: float = Field(
+        ..., gt=0.0, le=16.0,
+        description="ModelOpt auto_quantize's budget: average weight bits over the quantizable layers "
+        "(e.g. 6.0 between INT4 and FP8; 16-bit layers count 16).",
+    )
+    formats: list[str] = Field(
+        default_factory=lambda: ["fp8", "int4_awq"], min_length=1,
+        description="Formats a layer may take (format registry names: fp8, int4_awq, w4a8_awq, nvfp4); 16-bit is always a choice.",
+    )
+    method: Literal["gradient", "kl_div"] = Field(
+        "gradient", description="Sensitivity score: 'gradient' (loss gradients, ModelOpt's default) or 'kl_div'."
+    )
+    score_samples: int | None = Field(
+        None, gt=0, description="Calibration sequences used to score sensitivity (default: all of calibration.num_samples)."
+    )
+
+
+# Formats ModelOpt's auto_quantize can mix and the export writes per layer.
+AUTO_QUANTIZE_FORMATS = ("fp8", "int4_awq", "w4a8_awq", "nvfp4")
 
 
 class CalibrationSpec(_Strict):
@@ -371,7 +396,16 @@ def validate_semantics(recipe: Recipe, source: str) -> None:
         engines.backend_info(recipe.engine.backend)
     except KeyError as err:
         raise RecipeError(source, "engine.backend", err.args[0]) from None
-    if recipe.quantization.awq_block_size is not None and not fmt.uses_awq:
+    aq = recipe.quantization.auto_quantize
+    if fmt.is_auto and aq is None:
+        raise RecipeError(source, "quantization.auto_quantize", "format auto_quantize needs quantization.auto_quantize.effective_bits (e.g. 6.0)")
+    if aq is not None and not fmt.is_auto:
+        raise RecipeError(source, "quantization.auto_quantize", f"only for format auto_quantize, not {fmt.name!r}")
+    for name in aq.formats if aq else []:
+        if name not in AUTO_QUANTIZE_FORMATS:
+            raise RecipeError(source, "quantization.auto_quantize.formats", f"{name!r} cannot be mixed by auto_quantize; choose from {', '.join(AUTO_QUANTIZE_FORMATS)}")
+    awq_ok = fmt.uses_awq or (aq is not None and any(formats.get_format(n).uses_awq for n in aq.formats))
+    if recipe.quantization.awq_block_size is not None and not awq_ok:
         raise RecipeError(source, "quantization.awq_block_size", f"only for AWQ formats, not {fmt.name!r}")
     if recipe.quantization.smoothquant_alpha is not None and fmt.algorithm != "smoothquant":
         raise RecipeError(source, "quantization.smoothquant_alpha", f"only for SmoothQuant formats, not {fmt.name!r}")

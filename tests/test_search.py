@@ -14,6 +14,7 @@ import yaml
 from scipy import stats as sps
 
 from quantgate import stats
+from quantgate.errors import RecipeError
 from quantgate.evaluation.results import EvalResults, ItemRecord, TaskResult
 from quantgate.recipe import GateSpec
 from quantgate.search.select import first_passing, judge_split
@@ -78,6 +79,24 @@ def test_expansion_orders_cheapest_first_and_switches_promotion_off(tmp_path):
     data = yaml.safe_load(path.read_text()) | {"order": "given"}
     path.write_text(yaml.safe_dump(data))
     assert [c.name for c in expand(load_spec(path), path)][:2] == ["int8_sq-a0.5", "int8_sq-a1.0"]
+
+
+def test_auto_quantize_candidates_take_their_budget_as_cost_estimate(tmp_path):
+    from quantgate.search.spec import expand, load_spec
+
+    path = _spec(tmp_path, {"name": "s", "base": "_base.yaml", "candidates": [
+        {"name": "fp8", "set": {"quantization.format": "fp8"}},
+        {"name": "auto", "set": {"quantization.format": "auto_quantize", "quantization.auto_quantize": {"formats": ["fp8", "int4_awq"]},
+                                 "quantization.awq_block_size": 64},
+         "grid": {"quantization.auto_quantize.effective_bits": [8.5, 7.5]}},
+    ]})
+    ladder = expand(load_spec(path), path)
+    assert [(c.name, c.bits_estimate) for c in ladder] == [("auto-eb7.5", 7.5), ("fp8", 8.0), ("auto-eb8.5", 8.5)]
+    aq = ladder[0].recipe.quantization
+    assert aq.format == "auto_quantize" and aq.auto_quantize.formats == ["fp8", "int4_awq"] and aq.awq_block_size == 64
+    bad = _spec(tmp_path, {"name": "s", "base": "_base.yaml", "candidates": [{"name": "a", "set": {"quantization.format": "auto_quantize"}}]})
+    with pytest.raises(RecipeError, match="needs quantization.auto_quantize.effective_bits"):
+        expand(load_spec(bad), bad)
 
 
 def test_shipped_default_search_validates_with_at_least_six_candidates():

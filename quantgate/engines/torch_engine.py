@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,14 +173,24 @@ def load_exported_model(
     qcfg_path = ckpt_dir / "hf_quant_config.json"
     qcfg = json.loads(qcfg_path.read_text())["quantization"] if qcfg_path.is_file() else {}
     algo = qcfg.get("quant_algo")
-    if algo not in SUPPORTED_ALGOS:
-        raise StageError("engine", f"the torch backend does not reproduce quant_algo {algo!r} (supported: FP8, W8A8_SQ_PER_CHANNEL, W4A16_AWQ, W4A8_AWQ)")
+    # Mixed precision (ModelOpt auto_quantize): each quantized layer names its own format.
+    per_layer: dict[str, dict[str, Any]] = (qcfg.get("quantized_layers") or {}) if algo == "MIXED_PRECISION" else {}
+    for a in {algo} if algo != "MIXED_PRECISION" else {c.get("quant_algo") for c in per_layer.values()}:
+        if a not in SUPPORTED_ALGOS:
+            raise StageError("engine", f"the torch backend does not reproduce quant_algo {a!r} (supported: FP8, W8A8_SQ_PER_CHANNEL, W4A16_AWQ, W4A8_AWQ, and MIXED_PRECISION of them)")
     if qcfg.get("kv_cache_quant_algo"):
         raise StageError("engine", f"the torch backend does not reproduce a quantized KV cache ({qcfg['kv_cache_quant_algo']}); use engine.backend=tensorrt-llm or quantization.kv_cache=none")
-    group_size = qcfg.get("group_size")
-    use_kernels, why = (False, "engine.kernels=reference") if kernels == "reference" else kern.kernel_support(algo, device, group_size)
     if kernels not in ("reference", "auto"):
         raise StageError("engine", f"engine.kernels must be auto or reference, not {kernels!r}")
+
+    def layer_format(name: str) -> tuple[str | None, int | None, bool, str]:
+        """(quant_algo, AWQ block, real kernels?, why not) of one quantized layer."""
+        cfg = per_layer.get(name, {}) if per_layer else qcfg
+        if per_layer and name not in per_layer:
+            raise StageError("engine", f"layer {name} has quantized tensors but no entry in hf_quant_config.json's quantized_layers")
+        a, g = cfg.get("quant_algo"), cfg.get("group_size")
+        ok, why_not = (False, "engine.kernels=reference") if kernels == "reference" else kern.kernel_support(a, device, g)
+        return a, g, ok, why_not
 
     config = AutoConfig.from_pretrained(ckpt_dir)
     if hasattr(config, "quantization_config"):
@@ -202,14 +213,12 @@ def load_exported_model(
             return t.to(device, dtype)
         return t.to(device)
 
-    act_quant = None
-    if algo in ("FP8", "W4A8_AWQ"):
-        act_quant = fp8_fake_quant
-    elif algo == "W8A8_SQ_PER_CHANNEL":
-        act_quant = int8_fake_quant
-
+    act_quants = {"FP8": fp8_fake_quant, "W4A8_AWQ": fp8_fake_quant, "W8A8_SQ_PER_CHANNEL": int8_fake_quant}
     quantized = [k[: -len(".weight_scale")] for k in where if k.endswith(".weight_scale")]
+    kernel_layers, fallbacks = 0, set()
     for name in quantized:
+        layer_algo, group_size, use_kernels, why = layer_format(name)
+        act_quant = act_quants.get(layer_algo or "")
         take(f"{name}.weight_scale_2")
         pqs = take(f"{name}.pre_quant_scale", compute_dtype)
         in_scale = take(f"{name}.input_scale")
@@ -219,10 +228,12 @@ def load_exported_model(
         assert weight is not None and scale is not None
         layer: nn.Module
         if use_kernels:
-            layer = kern.make_kernel_linear(algo, weight, scale, in_scale, pqs, bias, compute_dtype)
+            layer = kern.make_kernel_linear(layer_algo, weight, scale, in_scale, pqs, bias, compute_dtype)
+            kernel_layers += 1
         else:
+            fallbacks.add(why)
             # Dequantized where the tensor already is (the GPU on CUDA): same fp32 arithmetic as on CPU.
-            w = dequantize_weight(weight, scale, algo, group_size).to(compute_dtype)
+            w = dequantize_weight(weight, scale, layer_algo, group_size).to(compute_dtype)
             del weight
             layer = QuantLinear(
                 w, bias, pqs, act_quant if in_scale is not None else None,
@@ -244,12 +255,14 @@ def load_exported_model(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise StageError("engine", f"checkpoint tensors do not match the architecture: missing {left[:4]}")
-    joined = kern.join_fp8_projections(model) if use_kernels and algo == "FP8" else {}
+    joined = kern.join_fp8_projections(model) if kernel_layers else {}
     resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     return model, {
         "quant_algo": algo, "quantized_layers": len(quantized),
-        "kernels": "real" if use_kernels and quantized else "reference",
-        **({"kernels_fallback": why} if quantized and not use_kernels and kernels != "reference" else {}),
+        **({"layer_formats": dict(sorted(Counter(str(c.get("quant_algo")) for c in per_layer.values()).items()))} if per_layer else {}),
+        # "mixed": some layers on real kernels, some on the reference (e.g. W4A8 next to FP8)
+        "kernels": ("real" if not fallbacks else "mixed") if kernel_layers else "reference",
+        **({"kernels_fallback": "; ".join(sorted(fallbacks))} if fallbacks and kernels != "reference" else {}),
         "checkpoint_tensor_bytes": file_bytes, "resident_tensor_bytes": resident, **joined,
     }
 

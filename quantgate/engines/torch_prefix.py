@@ -230,15 +230,13 @@ def generate_shared(
         for step in range(budget):
             tok = head(last).float().argmax(dim=-1)
             ids = tok.tolist()
-            keep = []
             for j, k in enumerate(active):
                 new[k].append(ids[j])
-                if ids[j] in eos:
-                    continue
-                # the last tokens' text holds a stop string (the full text is trimmed below)
-                if stop and any(s in engine.tokenizer.decode(new[k][-16:], skip_special_tokens=True) for s in stop if s):
-                    continue
-                keep.append(j)
+            # The last tokens' text holds a stop string? (the full text is trimmed below). One
+            # batched decode per step: per-row, per-stop-string decodes were ~40 ms a step at 128 rows.
+            tails = engine.tokenizer.batch_decode([new[k][-16:] for k in active], skip_special_tokens=True) if stop else []
+            keep = [j for j in range(len(active))
+                    if ids[j] not in eos and not (stop and any(s in tails[j] for s in stop if s))]
             if not keep or step == budget - 1:
                 break
             if len(keep) < len(active):

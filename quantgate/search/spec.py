@@ -106,6 +106,8 @@ def bits_per_weight(recipe: Recipe) -> float:
     from quantgate import formats
 
     fmt = formats.get_format(recipe.quantization.format)
+    if fmt.is_auto and recipe.quantization.auto_quantize:  # its budget (AWQ block scales not counted)
+        return float(recipe.quantization.auto_quantize.effective_bits)
     bits = float(fmt.weight_bits)
     if fmt.uses_awq:
         block = recipe.quantization.awq_block_size or fmt.default_awq_block_size or 128
@@ -113,7 +115,7 @@ def bits_per_weight(recipe: Recipe) -> float:
     return bits
 
 
-SHORT = {"awq_block_size": "b", "smoothquant_alpha": "a", "num_samples": "n", "seq_len": "len"}
+SHORT = {"awq_block_size": "b", "smoothquant_alpha": "a", "num_samples": "n", "seq_len": "len", "effective_bits": "eb"}
 
 
 def _label(key: str, value: Any) -> str:

@@ -88,13 +88,17 @@ def warm_up_modelopt_cuda(fmt: Any, quantization: Any, dtype: Any = None) -> Non
     import modelopt.torch.quantization as mtq
     import torch
 
+    from quantgate.formats import get_format
+
     dtype = dtype or torch.float32
-    toy = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)).to("cuda", dtype)
-    x = torch.randn(4, 256, device="cuda", dtype=dtype)
-    mtq.quantize(toy, fmt.build_modelopt_config(quantization), lambda m: m(x))
-    with torch.no_grad():
-        toy(x)
-    del toy
+    # auto_quantize: every format it may choose
+    for each in [get_format(n) for n in quantization.auto_quantize.formats] if fmt.is_auto else [fmt]:
+        toy = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)).to("cuda", dtype)
+        x = torch.randn(4, 256, device="cuda", dtype=dtype)
+        mtq.quantize(toy, each.build_modelopt_config(quantization), lambda m, x=x: m(x))
+        with torch.no_grad():
+            toy(x)
+        del toy
     release_memory()
 
 
@@ -152,7 +156,8 @@ class Export(Stage):
         from quantgate.export import export_checkpoint
 
         fmt = formats.get_format(ctx.recipe.quantization.format)
-        ckpt = export_checkpoint(calibrated.model, calibrated.tokenizer, fmt, ctx.recipe.model.dtype, ctx.run_dir / "checkpoint")
+        ckpt = export_checkpoint(calibrated.model, calibrated.tokenizer, fmt, ctx.recipe.model.dtype, ctx.run_dir / "checkpoint",
+                                 fmt.export_algos(ctx.recipe.quantization))
         # The exported model is mutated and of no further use: drop it before evaluation loads
         # the checkpoint (the runner also releases `calibrated` once nothing else needs it).
         calibrated.model = None
