@@ -156,7 +156,8 @@ def calibrate(model: Any, tokenizer: Any, recipe: Recipe, fmt: FormatSpec, devic
         ) from None
     seconds = time.perf_counter() - t0
     check_calibration_ranges(model)
-    log.info("calibrated %s on %d x %d tokens in %.1f s (%d passes)", fmt.name, recipe.calibration.num_samples, recipe.calibration.seq_len, seconds, passes["n"])
+    log.info("calibrated %s on %d x %d tokens in %.1f s (%s)", fmt.name, recipe.calibration.num_samples, recipe.calibration.seq_len, seconds,
+             "calibration, sensitivity scoring and the per-layer choice" if fmt.is_auto else f"{passes['n']} passes")
     return CalibrationInfo(
         dataset=recipe.calibration.dataset, num_samples=recipe.calibration.num_samples,
         seq_len=recipe.calibration.seq_len, seed=recipe.calibration.seed,
@@ -189,11 +190,24 @@ def _auto_quantize(model: Any, recipe: Recipe, subformats: list[FormatSpec], kee
     model.zero_grad(set_to_none=True)
     best = state.get("best", {})
     recipes = best.get("recipe", {}) if isinstance(best, dict) else {}
-    counts = Counter(str(v) for v in recipes.values()) if isinstance(recipes, dict) else Counter()
+    counts = Counter(_choice_name(str(v), subformats) for v in recipes.values()) if isinstance(recipes, dict) else Counter()
     log.info("auto_quantize (%s, effective bits <= %g): %s; effective bits %s", aq.method, aq.effective_bits,
              dict(counts), best.get("constraints") if isinstance(best, dict) else "?")
     return {"auto_quantize": {"effective_bits_budget": aq.effective_bits, "groups_per_choice": dict(counts),
                               "achieved": best.get("constraints") if isinstance(best, dict) else None}}
+
+
+def _choice_name(recipe_str: str, subformats: list[FormatSpec]) -> str:
+    """ModelOpt's name of a layer's choice -> the format registry's: 'FP8_DEFAULT_CFG(effective-bits: 8.0)'
+    -> 'fp8'; a config it does not recognise is 'CUSTOM_<i>' (its index in the list we passed); 'NONE' -> '16-bit'."""
+    import re
+
+    head = recipe_str.split("(")[0]
+    if head == "NONE":
+        return "16-bit"
+    if (m := re.fullmatch(r"CUSTOM_(\d+)", head)) and int(m.group(1)) < len(subformats):
+        return subformats[int(m.group(1))].name
+    return next((f.name for f in subformats if f.modelopt_config == head), head)
 
 
 def _run_auto_quantize(mtq: Any, model: Any, aq: Any, recipe: Recipe, subformats: list[FormatSpec], keep: list[str],
