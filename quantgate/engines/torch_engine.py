@@ -296,7 +296,10 @@ def compute_dtype_for(device: str, checkpoint_dtype: str) -> torch.dtype:
 def identity(recipe: Any) -> dict[str, Any]:
     """What changes this backend's scores besides the checkpoint (see engines/__init__.py)."""
     device = resolve_device(recipe.engine.device)
-    return {"device_type": device, "compute_dtype": str(compute_dtype_for(device, recipe.model.dtype)), "torch": torch.__version__}
+    # "attention": decode steps of grouped-query models changed kernels (engines/attention.py):
+    # same math, other rounding, so baselines cached before it are not reused.
+    return {"device_type": device, "compute_dtype": str(compute_dtype_for(device, recipe.model.dtype)), "torch": torch.__version__,
+            "attention": "sdpa+grouped-decode/1"}
 
 
 class TorchEngine(Engine):
@@ -324,6 +327,8 @@ class TorchEngine(Engine):
 
         from transformers import AutoTokenizer
 
+        from quantgate.engines.attention import use_grouped_decode_attention
+
         device = resolve_device(spec.device)
         dtype = compute_dtype_for(device, checkpoint.dtype)
         if device != "cpu":
@@ -331,6 +336,9 @@ class TorchEngine(Engine):
         t0 = _sync_time(device)
         model, stats = load_exported_model(checkpoint.dir, device, dtype, kernels=getattr(spec, "kernels", "auto"))
         load_s = _sync_time(device) - t0
+        # Decode steps of grouped-query models attend over the KV heads without copying them per
+        # query head (engines/attention.py); both sides of a gate load through here.
+        stats["attention"] = "sdpa, grouped decode" if use_grouped_decode_attention(model) else "sdpa"
         tok = AutoTokenizer.from_pretrained(checkpoint.dir)
         limits = EngineLimits(spec.max_batch_size, spec.max_input_len, spec.max_seq_len)
         engine = cls(model, tok, limits, device, settings=stats)
