@@ -129,7 +129,7 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name() if dev != "cpu" else "cpu", "torch": torch.__version__, "shape": args.shape, "batch": n,
                     "context": ctx, "steps": args.steps, "setup_s": round(build_s, 1), "runs": {}}
     lasts = {}
-    for rep in range(args.repeats):
+    for _rep in range(args.repeats):
         for impl in ("sdpa", NAME):  # alternate, so drift hits both
             if impl == "sdpa":
                 model.set_attn_implementation("sdpa")

@@ -55,6 +55,8 @@ def _expand(paths: list[str]) -> list[str]:
     # list (`recipes/*.yaml`), keep one named alone so its problems are reported.
     if len(out) > 1:
         out = [m for m in out if not Path(m).name.startswith("_")]
+        if not out:  # only shared bases: nothing would run, and an empty run must not exit 0
+            raise RecipeError(" ".join(paths), "", "only shared base files ('_*.yaml'); name a recipe that extends them")
     return out
 
 

@@ -82,6 +82,9 @@ _EXIT = {
 }
 
 # Directions of common metrics, used only when a TaskResult does not state one.
+# Below this many items a paired bootstrap (perplexity documents, non-binary scores) decides nothing.
+MIN_BOOTSTRAP_ITEMS = 10
+
 _KNOWN_DIRECTION = {
     "acc": True, "acc_norm": True, "exact_match": True, "f1": True, "mc1": True, "mc2": True,
     "word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False,
@@ -311,6 +314,12 @@ def _direction(tb: TaskResult, tc: TaskResult, metric: str) -> bool:
     hb, hc = tb.higher_is_better.get(metric), tc.higher_is_better.get(metric)
     if hb is not None and hc is not None and hb != hc:
         raise ValueError(f"higher_is_better differs between sides ({hb} vs {hc})")
+    known = _KNOWN_DIRECTION.get(metric)
+    declared = hb if hb is not None else hc
+    if known is not None and declared is not None and declared != known:
+        # A task file saying perplexity is higher-is-better would turn every worsening into an improvement.
+        raise ValueError(f"the task declares higher_is_better={declared} for {metric}, which is "
+                         f"{'higher' if known else 'lower'}-is-better; fix the task's metric_list")
     for h in (hb, hc, _KNOWN_DIRECTION.get(metric)):
         if h is not None:
             return h
@@ -392,6 +401,12 @@ def _numbers(est: stats.PairedEstimate) -> dict[str, Any]:
 
 def _decide_metric(est: stats.PairedEstimate, lim: MetricLimit, spec: GateSpec) -> tuple[Status, str, int | None]:
     conf = f"{100 * spec.confidence:g}%"
+    if est.method.startswith("paired-bootstrap") and est.n < MIN_BOOTSTRAP_ITEMS:
+        # Resampling a handful of items gives an interval of (near) zero width: no evidence either way.
+        return "inconclusive", (
+            f"{est.n} item(s): too few for a bootstrap interval (at least {MIN_BOOTSTRAP_ITEMS}); "
+            f"worsening {_f(est.worsening)} ({_pct(est.rel_worsening)}) not judged; raise evaluation.limit"
+        ), MIN_BOOTSTRAP_ITEMS
     passes: list[bool] = []
     over: list[bool] = []
     ucb_txt: list[str] = []
@@ -416,7 +431,7 @@ def _decide_metric(est: stats.PairedEstimate, lim: MetricLimit, spec: GateSpec) 
     if all(passes):
         return "pass", f"non-inferior: {point}; {bounds}", None
     if any(over) and est.low > 0:
-        return "fail", f"regression: {point}; over the limit ({_limit_text(lim)}) and significant (lower bound > 0, p={_f(est.p_value)})", None
+        return "fail", f"regression: {point}; over the limit ({_limit_text(lim)}) and significant (one-sided lower bound > 0; two-sided p={_f(est.p_value)})", None
 
     # Inconclusive: how many items would resolve it at the recipe's power, if the observed drop is true.
     margins = []

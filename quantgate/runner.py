@@ -36,7 +36,8 @@ SEVERITY = [ExitCode.ERROR, ExitCode.BAD_INPUT, ExitCode.REGRESSION, ExitCode.AN
 
 
 def worst(codes: list[int]) -> int:
-    return min(codes, key=lambda c: SEVERITY.index(ExitCode(c))) if codes else int(ExitCode.PASS)
+    # Nothing judged is not a pass (a gate fails closed).
+    return min(codes, key=lambda c: SEVERITY.index(ExitCode(c))) if codes else int(ExitCode.ERROR)
 
 
 @dataclass

@@ -268,6 +268,24 @@ def test_direction_conflict():
     assert "higher_is_better differs" in check(v, "qa/acc").detail
 
 
+def test_a_declared_direction_that_contradicts_the_metric_is_an_error():
+    """A task file calling perplexity higher-is-better would turn a 3 % worsening into a PASS."""
+    b, c = ppl_pair(200, 0.03)
+    flip = {"higher_is_better": {"word_perplexity": True, "bits_per_byte": False}}
+    v, _ = _metric_error(*sides((b.model_copy(update=flip), c.model_copy(update=flip))), spec(wiki__word_perplexity={"max_rel_drop": 0.01}))
+    assert "lower-is-better" in check(v, "wiki/word_perplexity").detail
+
+
+@pytest.mark.parametrize("n,status", [(1, "inconclusive"), (9, "inconclusive"), (40, "pass")])
+def test_a_bootstrap_over_a_handful_of_items_decides_nothing(n, status):
+    """One perplexity document resamples to a zero-width interval: it must not PASS (or FAIL)."""
+    v = judge(*sides(ppl_pair(n, 0.005, noise=0.0005)), None, spec(wiki__word_perplexity={"max_rel_drop": 0.05}))
+    c = check(v, "wiki/word_perplexity")
+    assert c.status == status, c.detail
+    if status == "inconclusive":
+        assert "too few for a bootstrap" in c.detail and v.decision is Decision.INCONCLUSIVE
+
+
 # ---- comparability ------------------------------------------------------------------------
 
 

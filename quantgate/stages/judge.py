@@ -7,6 +7,7 @@ stage's key, so a re-run re-judges stored results without calibrating or evaluat
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
@@ -102,6 +103,18 @@ class MeasureExportFidelity(Stage):
         return ExportFidelity.model_validate(data) if data else None
 
 
+def gate_code_hash() -> str:
+    """sha256 (12 hex) of the modules that turn results into a verdict."""
+    import hashlib
+
+    from quantgate import gate, stats
+
+    h = hashlib.sha256()
+    for mod in (gate, stats):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
 class Judge(Stage):
     """The gate: a pure function from both sides' results and the golden diff to a verdict."""
 
@@ -113,7 +126,10 @@ class Judge(Stage):
         self.candidate_is_baseline = candidate_is_baseline
 
     def identity(self, recipe: Any) -> Any:
-        return {"gate": recipe.gate.model_dump(mode="json"), "candidate_is_baseline": self.candidate_is_baseline}
+        # The gate's code is part of its identity: a verdict stored by an older gate (one that,
+        # say, passed a case now caught) is judged again, not reused by a resumed run.
+        return {"gate": recipe.gate.model_dump(mode="json"), "candidate_is_baseline": self.candidate_is_baseline,
+                "gate_code": gate_code_hash()}
 
     def run(self, ctx: RunContext, *, baseline: Baseline, candidate: EvalResults, golden: GoldenSummary | None) -> Verdict:
         from quantgate.gate import judge
