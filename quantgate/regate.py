@@ -61,7 +61,10 @@ def regate(run: str, overrides: list[str]) -> tuple[Any, str]:
         raise
     baseline = _load(folder / "baseline_results.json", EvalResults)
     candidate = _load(folder / "candidate_results.json", EvalResults)
-    stored_golden = _load(folder / "golden.json", GoldenSummary) if (folder / "golden.json").is_file() else None
+    golden_file = folder / "golden.json"
+    # "null": the run had no golden prompts (the golden stage writes that, not a summary)
+    has_golden = golden_file.is_file() and golden_file.read_text(encoding="utf-8").strip() != "null"
+    stored_golden = _load(golden_file, GoldenSummary) if has_golden else None
     # Trust no stored figure: golden figures are recomputed from the per-prompt outputs and
     # records, and stored metrics must match their per-item records (issue 10).
     golden, golden_checks = recheck_golden(stored_golden, baseline, candidate)

@@ -317,6 +317,24 @@ def test_regate_honest_stored_run_passes(tmp_path):
     assert names["golden/recomputed"] == "pass" and names["recomputed/baseline"] == "pass"
 
 
+def test_regate_a_run_without_golden_prompts(tmp_path):
+    """The golden stage writes `null` when there are no golden prompts: re-judging that run is
+    a verdict, not 'golden.json unreadable' (exit 3)."""
+    from quantgate.regate import regate
+
+    folder = _stored_run(tmp_path / "run", diverge=False)
+    for name in ("baseline_results.json", "candidate_results.json"):
+        data = json.loads((folder / name).read_text())
+        data["golden"] = []
+        (folder / name).write_text(json.dumps(data))
+    (folder / "golden.json").write_text("null")
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    recipe["gate"].pop("golden")
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    verdict, _ = regate(str(folder), [])
+    assert verdict.decision == Decision.PASS, verdict.reason
+
+
 @pytest.mark.parametrize("records", [False, True], ids=["summary-only", "summary-and-records"])
 def test_regate_recomputes_golden_instead_of_trusting_it(tmp_path, records):
     """Per-prompt outputs say KL of nats and top-1 agreement ~0; the stored golden.json says fine.

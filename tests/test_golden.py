@@ -70,9 +70,14 @@ def test_known_divergence():
     assert r.prefix_agreement == pytest.approx(0.5)
     assert r.token_agreement == pytest.approx(0.75)
     assert r.n_tokens == 4
-    shorter = _out("x", [1, 2, 3], dists[:3], k=30)
+    shorter = _out("x", [1, 2, 3], dists, k=30)  # its own output is shorter; it is scored along the baseline's 4 tokens
     r2 = compare_golden([base], [shorter]).records[0]
     assert r2.first_divergence == 3 and r2.prefix_agreement == pytest.approx(0.75)
+    # A candidate scored at fewer positions than the baseline's tokens (no top-k from its engine,
+    # a truncated record) is an error, not KL 0 / top-1 agreement 1 over nothing.
+    for unscored in (_out("x", [1, 2, 3, 4], [], k=30), _out("x", [1, 2, 3, 4], dists[:3], k=30)):
+        with pytest.raises(ValueError, match="did not score every position"):
+            compare_golden([base], [unscored])
 
 
 def test_kl_matches_direct_computation():
@@ -81,16 +86,30 @@ def test_kl_matches_direct_computation():
         p, q = _dist(rng, 40), _dist(rng, 40)
         # the whole vocabulary in the "top-k": exact
         assert kl_topk(*_topk(p, 40), *_topk(q, 40)) == pytest.approx(_kl(p, q), rel=1e-9, abs=1e-12)
-        # truncated lists: the common-partition value, a lower bound of the true KL
+        # truncated lists: a lower bound of the true KL, at least the common-partition value
+        # (shared ids + one bucket for everything else)
         pi, pl = _topk(p, 8)
         qi, ql = _topk(q, 8)
         common = set(pi) & set(qi)
         pt = 1 - sum(math.exp(p[i]) for i in common)
         qt = 1 - sum(math.exp(q[i]) for i in common)
-        expect = sum(math.exp(p[i]) * (p[i] - q[i]) for i in common) + (pt * math.log(pt / qt) if pt > 0 else 0.0)
+        coarse = sum(math.exp(p[i]) * (p[i] - q[i]) for i in common) + (pt * math.log(pt / qt) if pt > 0 else 0.0)
         got = kl_topk(pi, pl, qi, ql)
-        assert got == pytest.approx(expect, rel=1e-9, abs=1e-12)
-        assert got <= _kl(p, q) + 1e-12
+        assert coarse - 1e-12 <= got <= _kl(p, q) + 1e-12
+
+
+def test_kl_of_top_k_lists_that_share_nothing_is_not_zero():
+    """Two distributions that put their mass on different ids: the common-partition value is 0
+    (one bucket holds everything); the bound must still see them apart."""
+    vocab = 200
+    p = [math.log(0.9 / 10)] * 10 + [math.log(0.1 / (vocab - 10))] * (vocab - 10)
+    q = [math.log(0.1 / (vocab - 10))] * 10 + [math.log(0.1 / (vocab - 10))] * 90 + [math.log(0.9 / 100)] * 100
+    q = [x - math.log(sum(math.exp(y) for y in q)) for x in q]
+    pi, pl = _topk(p, 10)
+    qi, ql = _topk(q, 10)
+    assert not set(pi) & set(qi)
+    got = kl_topk(pi, pl, qi, ql)
+    assert 1.0 < got <= _kl(p, q) + 1e-12
 
 
 def test_summary_kl_is_position_weighted():

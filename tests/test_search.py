@@ -387,3 +387,25 @@ def test_summary_without_a_winner_exits_with_the_most_informative_code(tmp_path)
     assert json.loads((tmp_path / "out" / SEARCH_JSON).read_text())["exit_code"] == 4
     assert "No candidate passed the search split" in (tmp_path / "out" / SEARCH_HTML).read_text()
     assert "winner: none" in search_table(result)
+
+
+def test_a_winner_above_an_unjudged_cheaper_rung_says_so(tmp_path):
+    """A cheaper candidate that ended ERROR might have passed: the winner is not 'the cheapest'."""
+    from quantgate.gate import Decision, Verdict
+    from quantgate.search.model import CandidateRow, Confirmation, SearchResult
+    from quantgate.search.spec import SearchSpec
+
+    spec = SearchSpec(name="s", base="b.yaml", candidates=[{"name": "a"}])
+
+    def row(name: str, rung: int, decision: str) -> CandidateRow:
+        return CandidateRow(name=name, format="fp8", rung=rung, bits_estimate=8.0, overrides=[], run_dir=str(tmp_path / name),
+                            checkpoint_bytes=100 * (rung + 1), decision=decision, exit_code=0 if decision == "PASS" else 3,
+                            reason=decision, run_decision=decision, checks=[])
+
+    rows = [row("int4", 0, "ERROR"), row("fp8", 1, "PASS")]
+    confirmed = Confirmation.from_verdict("fp8", Verdict(decision=Decision.PASS, confidence=0.95, power=0.8, reason="PASS: ok", checks=[]))
+    result = SearchResult.build(spec, "k", [], rows, rows[1], confirmed, full=False, seconds=1.0)
+    assert result.winner == "fp8" and result.exit_code == 0
+    assert "cheaper but not judged (ERROR): int4" in result.reason and "cheapest of" not in result.reason
+    clean = SearchResult.build(spec, "k", [], [row("fp8", 0, "PASS")], row("fp8", 0, "PASS"), confirmed, full=False, seconds=1.0)
+    assert "cheapest of 1 tried" in clean.reason

@@ -142,21 +142,37 @@ def _progress() -> bool:
 
 
 def kl_topk(p_ids: list[int], p_logprobs: list[float], q_ids: list[int], q_logprobs: list[float]) -> float:
-    """KL(p || q) from two top-k lists on their common partition (shared ids + one tail bucket)."""
+    """A lower bound of KL(p || q) from the two top-k lists, on the partition {each id both list,
+    B = p's ids that q does not list, R = the rest}. q lists its k most likely ids, so q puts at
+    most |B| x (its smallest listed probability) on B; the bound is the least KL any q consistent
+    with that can have. (Merging B into R instead gives 0 when the lists share nothing: two
+    models that agree on nothing would read as identical.)"""
     q = dict(zip(q_ids, q_logprobs, strict=True))
-    kl, p_known, q_known = 0.0, 0.0, 0.0
+    kl, p_known, q_known, p_unseen, n_unseen = 0.0, 0.0, 0.0, 0.0, 0
     for i, lp in zip(p_ids, p_logprobs, strict=True):
         lq = q.get(i)
         if lq is None:
+            p_unseen += math.exp(lp)
+            n_unseen += 1
             continue
         pi = math.exp(lp)
         kl += pi * (lp - lq)
         p_known += pi
         q_known += math.exp(lq)
-    p_tail = max(1.0 - p_known, 0.0)
-    q_tail = max(1.0 - q_known, TAIL_FLOOR)
-    if p_tail > 0.0:
-        kl += p_tail * math.log(p_tail / q_tail)
+    p_rest = max(1.0 - p_known - p_unseen, 0.0)
+    q_free = max(1.0 - q_known, TAIL_FLOOR)  # q's mass on B and R together
+    p_free = p_unseen + p_rest
+    if p_free > 0.0:
+        # KL on {B, R} is convex in q_B; its minimum is at q's split proportional to p's,
+        # unless that puts more on B than q's list allows.
+        q_b = q_free * p_unseen / p_free
+        if n_unseen and q_logprobs:
+            q_b = min(q_b, n_unseen * math.exp(min(q_logprobs)))
+        q_r = max(q_free - q_b, TAIL_FLOOR)
+        if p_unseen > 0.0:
+            kl += p_unseen * math.log(p_unseen / max(q_b, TAIL_FLOOR))
+        if p_rest > 0.0:
+            kl += p_rest * math.log(p_rest / q_r)
     return max(kl, 0.0)  # rounding can leave -1e-12
 
 
@@ -176,7 +192,13 @@ def compare_one(base: GoldenOutput, cand: GoldenOutput) -> tuple[GoldenRecord, l
     prefix = (fd if fd is not None else len(a)) / len(a) if a else float(fd is None)
     longest = max(len(a), len(b))
     token_agr = sum(x == y for x, y in zip(a, b, strict=False)) / longest if longest else 1.0
-    n = min(len(base.ref_top_ids), len(cand.ref_top_ids))
+    # Both sides are scored teacher-forced along the baseline's output: one top-k list per token.
+    # Fewer positions (an engine without top-k scoring, a truncated record) would make KL 0 and
+    # top-1 agreement 1 over nothing, so it is an error, not agreement.
+    n = len(a)
+    if not (len(base.ref_top_ids) == len(cand.ref_top_ids) == n):
+        raise ValueError(f"golden {base.id!r}: top-k lists at {len(base.ref_top_ids)} baseline / {len(cand.ref_top_ids)} "
+                         f"candidate positions for {n} reference tokens: the engine did not score every position")
     kls = [
         kl_topk(base.ref_top_ids[t], base.ref_top_logprobs[t], cand.ref_top_ids[t], cand.ref_top_logprobs[t])
         for t in range(n)

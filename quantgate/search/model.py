@@ -121,8 +121,13 @@ class SearchResult:
         code = int(exit_code(_verdict_like(confirmation), [r.decision for r in rows]))
         if confirmation is not None:
             decision = confirmation.decision
-            reason = (f"{winner.name} passed the search split (cheapest of {len(rows)} tried) and its held-out confirmation: "
-                      f"{confirmation.reason}")
+            cheaper = rows[: next(i for i, r in enumerate(rows) if r.name == winner.name)]
+            errored = [r.name for r in cheaper if r.decision == "ERROR"]
+            # A cheaper rung that could not be judged might have passed: the winner is then the
+            # cheapest that was shown to pass, not the cheapest that would.
+            rank = (f"cheapest passing of {len(rows)} tried; cheaper but not judged (ERROR): {', '.join(errored)}"
+                    if errored else f"cheapest of {len(rows)} tried")
+            reason = f"{winner.name} passed the search split ({rank}) and its held-out confirmation: {confirmation.reason}"
             if confirmation.decision != "PASS":
                 reason = f"{winner.name} passed the search split but NOT its held-out confirmation: {confirmation.reason}"
         else:

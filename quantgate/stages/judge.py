@@ -26,6 +26,9 @@ class GoldenDiff(Stage):
     needs: ClassVar[tuple[str, ...]] = ("baseline", "candidate")
     produces: ClassVar[str] = "golden"
 
+    def identity(self, recipe: Any) -> Any:
+        return {"code": gate_code_hash()}  # a summary stored by older KL code is recomputed, not reused
+
     def run(self, ctx: RunContext, *, baseline: Baseline, candidate: EvalResults) -> GoldenSummary | None:
         from quantgate.evaluation.golden import compare_golden
 
@@ -104,13 +107,15 @@ class MeasureExportFidelity(Stage):
 
 
 def gate_code_hash() -> str:
-    """sha256 (12 hex) of the modules that turn results into a verdict."""
+    """sha256 (12 hex) of the modules that turn results into a verdict (the gate recomputes the
+    golden figures, so golden.py is one of them)."""
     import hashlib
 
     from quantgate import gate, stats
+    from quantgate.evaluation import golden
 
     h = hashlib.sha256()
-    for mod in (gate, stats):
+    for mod in (gate, stats, golden):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:12]
 

@@ -173,4 +173,4 @@ class Export(Stage):
             ckpt = Checkpoint.load(ctx.run_dir / "checkpoint.json")
         except (OSError, ValueError):
             return MISSING
-        return ckpt if (ckpt.dir / "config.json").is_file() else None
+        return ckpt if (ckpt.dir / "config.json").is_file() else MISSING  # checkpoint folder gone: export again
