@@ -364,3 +364,33 @@ def test_package_keeps_every_name_of_the_old_module() -> None:
            "TAG_MISSING_METRICS", "ensure_experiment", "check_alias", "is_remote", "sqlite_path"]
     assert [n for n in old if not hasattr(tracking, n)] == []
     assert set(tracking.__all__) <= set(dir(tracking))
+
+
+def test_a_rejudged_version_carries_its_latest_verdict(spec: TrackingSpec, tmp_path: Path, caplog) -> None:
+    """The same artifacts (one run key) judged again with other gate settings: the existing
+    version is reused, and its tags must say the latest verdict (was: promoted while tagged
+    REGRESSION), with the earlier ones in quantgate.verdict_history."""
+    from mlflow import MlflowClient
+
+    promotion = PromotionSpec(registered_model=f"qg-rejudge-{spec.experiment}")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "llama"}')
+    key = {"quantgate.run_key": "fp8-0123456789-abcdef0123"}
+    with RunTracker(spec, "rejudge") as run:
+        path = run.log_checkpoint(ckpt)
+        first = register_checkpoint(run, path, promotion, passed=False, decision="REGRESSION", tags=key)
+        again = register_checkpoint(run, path, promotion, passed=True, decision="PASS", tags=key)
+        assert first.version == again.version and again.promoted
+        uri = resolve_tracking_uri(spec)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        tags = client.get_model_version(promotion.registered_model, again.version).tags
+        assert (tags["quantgate.decision"], tags["quantgate.passed"]) == ("PASS", "true")
+        assert tags["quantgate.verdict_history"].startswith("REGRESSION -> PASS at ")
+        with caplog.at_level("WARNING", logger="quantgate"):
+            third = register_checkpoint(run, path, promotion, passed=False, decision="REGRESSION", tags=key)
+        tags = client.get_model_version(promotion.registered_model, third.version).tags
+        assert (tags["quantgate.decision"], tags["quantgate.passed"]) == ("REGRESSION", "false")
+        assert tags["quantgate.verdict_history"].count(" -> ") == 2
+        assert alias_version(promotion.registered_model, "production", tracking_uri=uri) == third.version
+        assert "still @production" in caplog.text

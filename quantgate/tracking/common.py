@@ -27,6 +27,7 @@ TAG_PASSED = "quantgate.passed"
 TAG_REGISTERED_MODEL = "quantgate.registered_model"
 TAG_MODEL_VERSION = "quantgate.model_version"
 TAG_RUN_KEY = "quantgate.run_key"
+TAG_VERDICT_HISTORY = "quantgate.verdict_history"  # earlier verdicts of a re-judged model version
 TAG_PARENT_RUN = "mlflow.parentRunId"  # what MLflow's own nested runs set; the UI nests on it
 
 REDACTED = "***"

@@ -25,6 +25,7 @@ from quantgate.tracking.common import (
     TAG_PASSED,
     TAG_REGISTERED_MODEL,
     TAG_RUN_KEY,
+    TAG_VERDICT_HISTORY,
     TrackingError,
     _error_code,
     _mlflow_client,
@@ -232,6 +233,27 @@ def register_checkpoint(
         raise tracking_failure(uri, f"registering {promotion.registered_model!r}", err) from err
 
 
+def _retag_verdict(client: MlflowClient, name: str, version: str, tags: Mapping[str, str], decision_txt: str,
+                   passed: bool, *, is_alias: bool, alias: str) -> None:
+    """The same artifacts judged again (other gate settings, newer gate code) got another verdict:
+    the version's tags say the latest one, and the history keeps the earlier ones, so a version an
+    alias points at never reads REGRESSION while it is promoted, nor PASS after it failed."""
+    import datetime as dt
+
+    prior = tags.get(TAG_DECISION)
+    if prior == decision_txt:
+        return
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    history = tags.get(TAG_VERDICT_HISTORY, "")
+    entry = f"{prior or '?'} -> {decision_txt} at {when}"
+    client.set_model_version_tag(name, version, TAG_DECISION, decision_txt)
+    client.set_model_version_tag(name, version, TAG_PASSED, "true" if passed else "false")
+    client.set_model_version_tag(name, version, TAG_VERDICT_HISTORY, _truncate(f"{history}; {entry}" if history else entry, 5000))
+    if is_alias and not passed:
+        log.warning("%s version %s is still @%s but was judged %s now (was %s); the alias was not moved: "
+                    "move it deliberately (`mlflow` or the UI) if this verdict stands", name, version, alias, decision_txt, prior)
+
+
 def _set_alias(client: MlflowClient, name: str, alias: str, version: str, attempts: int = 5) -> None:
     """Point `alias` at `version`. Two processes moving one alias at once can collide on the store's
     unique key (MLflow's server does read-then-insert; seen on PostgreSQL): try again, last wins."""
@@ -279,6 +301,8 @@ def _register(
         version = str(existing[0].version)
         source = existing[0].source
         log.info("run %s is already registered as %s version %s; not registering again", run_key, name, version)
+        _retag_verdict(client, name, version, existing[0].tags or {}, decision_txt, passed, is_alias=previous == version,
+                       alias=promotion.alias)
     else:
         version_tags_ = {TAG_DECISION: decision_txt, TAG_PASSED: "true" if passed else "false", **tags}
         clean = {k: _truncate(v, 5000) for k, v in redact_params(version_tags_).items()}
