@@ -81,10 +81,11 @@ _EXIT = {
     Decision.ERROR: ExitCode.ERROR,
 }
 
-# Directions of common metrics, used only when a TaskResult does not state one.
 # Below this many items a paired bootstrap (perplexity documents, non-binary scores) decides nothing.
 MIN_BOOTSTRAP_ITEMS = 10
 
+# Directions of common metrics: used when a TaskResult does not state one, and to refuse one
+# that states the opposite.
 _KNOWN_DIRECTION = {
     "acc": True, "acc_norm": True, "exact_match": True, "f1": True, "mc1": True, "mc2": True,
     "word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False,

@@ -64,5 +64,9 @@ def use_grouped_decode_attention(model: torch.nn.Module) -> bool:
     set_impl = getattr(model, "set_attn_implementation", None)
     if set_impl is None:
         return False
-    set_impl(NAME)
+    try:
+        set_impl(NAME)
+    except (ValueError, ImportError, NotImplementedError):  # a model class that refuses custom attention keeps sdpa
+        set_impl("sdpa")
+        return False
     return True
