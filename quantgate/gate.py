@@ -321,7 +321,7 @@ def _direction(tb: TaskResult, tc: TaskResult, metric: str) -> bool:
         # A task file saying perplexity is higher-is-better would turn every worsening into an improvement.
         raise ValueError(f"the task declares higher_is_better={declared} for {metric}, which is "
                          f"{'higher' if known else 'lower'}-is-better; fix the task's metric_list")
-    for h in (hb, hc, _KNOWN_DIRECTION.get(metric)):
+    for h in (hb, hc, known):
         if h is not None:
             return h
     raise ValueError("direction unknown: the results give no higher_is_better for it")

@@ -31,16 +31,15 @@ def grouped_decode_attention(
 
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
     n, heads, q_len, dim = query.shape
-    if q_len != 1 or groups == 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("output_attentions"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    kv_heads = key.shape[1]
-    # query head h uses KV head h // groups (transformers' repeat_kv order)
-    q = query.reshape(n, kv_heads, groups, dim)
     mask = attention_mask
-    if mask is not None and mask.shape[-2] != 1:  # (n, 1, 1, kv) for one query token; anything else: be safe
+    # Only a plain decode step of a grouped-query layer, with a (n, 1, 1, kv) mask or none.
+    plain = (q_len == 1 and groups > 1 and not dropout and kwargs.get("position_bias") is None
+             and not kwargs.get("output_attentions") and (mask is None or mask.shape[-2] == 1))
+    if not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    # query head h uses KV head h // groups (transformers' repeat_kv order)
+    q = query.reshape(n, key.shape[1], groups, dim)
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling, is_causal=False)
     return out.reshape(n, heads, 1, dim).transpose(1, 2).contiguous(), None
 

@@ -7,6 +7,7 @@ stage's key, so a re-run re-judges stored results without calibrating or evaluat
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -106,6 +107,7 @@ class MeasureExportFidelity(Stage):
         return ExportFidelity.model_validate(data) if data else None
 
 
+@functools.cache  # the code does not change within a process; every stage key asks
 def gate_code_hash() -> str:
     """sha256 (12 hex) of the modules that turn results into a verdict (the gate recomputes the
     golden figures, so golden.py is one of them)."""
