@@ -16,8 +16,19 @@ def _random_gqa_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_grouped_decode_attention_equals_sdpa_on_padded_decode_steps():
+def test_grouped_decode_attention_equals_sdpa_on_padded_decode_steps(monkeypatch):
     from transformers import DynamicCache
+
+    # Record SDPA's query shapes: the grouped path puts the 4 query heads of each of the 2 KV
+    # heads in the query-length slot, (n, 2, 4, d); transformers' sdpa calls it with (n, 8, q, d).
+    shapes: list[tuple[int, ...]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        shapes.append(tuple(q.shape))
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
 
     ref, new = _random_gqa_llama(), _random_gqa_llama()
     assert use_grouped_decode_attention(new) and new.config._attn_implementation == NAME
@@ -40,6 +51,7 @@ def test_grouped_decode_attention_equals_sdpa_on_padded_decode_steps():
                 m = torch.cat([m, torch.ones_like(x)], dim=1)
         outs.append(torch.stack(steps))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert sum(sh[1:3] == (2, 4) for sh in shapes) == 5 * 2  # 5 decode steps x 2 layers took the grouped path
 
 
 def test_models_without_grouped_heads_keep_sdpa():
