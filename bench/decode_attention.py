@@ -1,5 +1,7 @@
 """Decode-step time of a grouped-query model: transformers' sdpa vs quantgate's grouped decode
-attention (quantgate/engines/attention.py), in the same process, same weights, same cache.
+attention (quantgate/engines/attention.py), in the same process, same weights, same cache; with
+`--compare cache`, both on the grouped attention, transformers' DynamicCache (torch.cat per step)
+vs quantgate's reserved cache (quantgate/engines/kv_cache.py).
 
 The loop is quantgate's shared-prefix generation (engines/torch_prefix.py): a left-padded batch
 whose KV cache holds `--context` tokens, then greedy decode steps with a 2-D padding mask (which
@@ -7,6 +9,7 @@ is what makes transformers expand K/V per query head). Needs CUDA; needs only to
 transformers (the H200 image has both).
 
     python bench/decode_attention.py --shape llama-3.1-8b --batch 128 --context 900 --steps 32 --out OUT.json
+    python bench/decode_attention.py --compare cache --shape llama-3.1-8b --batch 128 --context 900 --steps 32
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantgate.engines.attention import NAME, use_grouped_decode_attention  # noqa: E402
+from quantgate.engines.kv_cache import reserved_copy  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
@@ -106,6 +110,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--kernel-error-only", action="store_true")
+    ap.add_argument("--compare", choices=("attention", "cache"), default="attention",
+                    help="attention: sdpa vs grouped decode; cache: DynamicCache vs reserved cache (both grouped)")
     args = ap.parse_args()
     if args.kernel_error_only:
         print(json.dumps(kernel_error(args.device), indent=1))
@@ -129,13 +135,20 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name() if dev != "cpu" else "cpu", "torch": torch.__version__, "shape": args.shape, "batch": n,
                     "context": ctx, "steps": args.steps, "setup_s": round(build_s, 1), "runs": {}}
     lasts = {}
+    variants = ("sdpa", NAME) if args.compare == "attention" else ("dynamic", "reserved")
+
+    def prepare(impl: str):
+        if impl == "sdpa":
+            model.set_attn_implementation("sdpa")
+        elif model.config._attn_implementation != NAME:
+            assert use_grouped_decode_attention(model)
+        if impl == "reserved":
+            return reserved_copy(model, cache0, n, ctx + args.steps)
+        return copy.deepcopy(cache0)
+
     for _rep in range(args.repeats):
-        for impl in ("sdpa", NAME):  # alternate, so drift hits both
-            if impl == "sdpa":
-                model.set_attn_implementation("sdpa")
-            else:
-                assert use_grouped_decode_attention(model)
-            cache = copy.deepcopy(cache0)
+        for impl in variants:  # alternate, so drift hits both
+            cache = prepare(impl)
             times, last = time_steps(model, cache, mask, pos[:, -1] + 1, last0, args.steps, dev)
             del cache
             if dev != "cpu":
@@ -149,26 +162,25 @@ def main() -> None:
     tok = torch.randint(0, model.config.vocab_size, (n, 1), device=dev, generator=g)
     step_mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
     one = {}
-    for impl in ("sdpa", NAME):
-        if impl == "sdpa":
-            model.set_attn_implementation("sdpa")
-        else:
-            use_grouped_decode_attention(model)
-        cache = copy.deepcopy(cache0)
+    for impl in variants:
+        cache = prepare(impl)
         with torch.inference_mode():
             one[impl] = model.get_decoder()(input_ids=tok, attention_mask=step_mask, position_ids=pos[:, -1:] + 1,
                                             past_key_values=cache, use_cache=True).last_hidden_state[:, -1].float()
         del cache
-    d = (one["sdpa"] - one[NAME]).abs()
+    base, other = variants
+    d = (one[base] - one[other]).abs()
     result["one_step_max_abs_diff"] = float(d.max())
     result["one_step_mean_abs_diff"] = float(d.mean())
-    result["one_step_mean_abs"] = float(one["sdpa"].abs().mean())
-    result["attention_error_vs_fp32"] = kernel_error(dev)
-    a, b = lasts["sdpa"], lasts[NAME]
+    result["one_step_mean_abs"] = float(one[base].abs().mean())
+    if args.compare == "attention":
+        result["attention_error_vs_fp32"] = kernel_error(dev)
+    a, b = lasts[base], lasts[other]
     result["last_hidden_max_abs_diff"] = float((a - b).abs().max())
     result["last_hidden_max_abs"] = float(a.abs().max())
     med = {k: statistics.median(r["median_ms"] for r in v) for k, v in result["runs"].items()}
-    result["ratio_grouped_over_sdpa"] = round(med[NAME] / med["sdpa"], 3)
+    result["ratio_grouped_over_sdpa" if args.compare == "attention" else "ratio_reserved_over_dynamic"] = round(med[other] / med[base], 3)
+    result["compare"] = args.compare
     if dev != "cpu":
         result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     text = json.dumps(result, indent=1)

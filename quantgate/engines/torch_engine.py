@@ -297,9 +297,10 @@ def identity(recipe: Any) -> dict[str, Any]:
     """What changes this backend's scores besides the checkpoint (see engines/__init__.py)."""
     device = resolve_device(recipe.engine.device)
     # "attention": decode steps of grouped-query models changed kernels (engines/attention.py):
-    # same math, other rounding, so baselines cached before it are not reused.
+    # same math, other rounding, so baselines cached before it are not reused. "kv_cache": decode
+    # reads K/V as views of a reserved buffer (engines/kv_cache.py), which kernels may round otherwise.
     return {"device_type": device, "compute_dtype": str(compute_dtype_for(device, recipe.model.dtype)), "torch": torch.__version__,
-            "attention": "sdpa+grouped-decode/1"}
+            "attention": "sdpa+grouped-decode/1", "kv_cache": "reserved/1"}
 
 
 class TorchEngine(Engine):
@@ -466,7 +467,7 @@ class TorchEngine(Engine):
                 ids[row, width - len(p) :] = torch.tensor(p)
                 mask[row, width - len(p) :] = 1
             gen = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **self._cache_for(len(batch), width + budget),
                 max_new_tokens=max(budget, 1), do_sample=False, num_beams=1,
                 eos_token_id=self._eos_ids, pad_token_id=self.pad_id,
                 stop_strings=list(stop) or None, tokenizer=self.tokenizer if stop else None,
@@ -485,6 +486,12 @@ class TorchEngine(Engine):
                     reason = "stop"
                 out[i] = Generation(new, text, reason)
         return out  # type: ignore[return-value]
+
+    def _cache_for(self, rows: int, tokens: int) -> dict[str, Any]:
+        """A KV cache with room for the whole generation (engines/kv_cache.py), where the model allows."""
+        from quantgate.engines.kv_cache import reserved_cache, supports_reserved_cache
+
+        return {"past_key_values": reserved_cache(self.model, tokens)} if supports_reserved_cache(self.model) else {}
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

@@ -118,14 +118,16 @@ def _score_choices_cached(engine: TorchEngine, requests: Sequence[ChoiceRequest]
         last = torch.tensor([len(c) - 1 for c in ctxs], device=dev)
         lp0 = _lp_rows(head, hidden[torch.arange(len(idx), device=dev), last])  # [B, vocab]
         rows: list[tuple[int, int]] = []  # (batch row, choice) of continuations longer than 1 token
-        firsts: dict[tuple[int, int], tuple[float, bool]] = {}
-        greedy0 = lp0.argmax(dim=-1)
-        for row, i in enumerate(idx):
-            for j, cont in enumerate(requests[i].continuations):
-                t = cont[0]
-                firsts[(row, j)] = (float(lp0[row, t]), bool(int(greedy0[row]) == t))
-                if len(cont) > 1:
-                    rows.append((row, j))
+        # every continuation's first token, gathered on the device and read back once per batch
+        # (one read per element is a device sync each: ~500 per MMLU batch)
+        keys = [(row, j) for row, i in enumerate(idx) for j in range(len(requests[i].continuations))]
+        first_tok = [requests[idx[row]].continuations[j][0] for row, j in keys]
+        at_rows = torch.tensor([row for row, _ in keys], device=dev)
+        lp_first = lp0[at_rows, torch.tensor(first_tok, device=dev)].tolist()
+        greedy0 = lp0.argmax(dim=-1).tolist()
+        firsts: dict[tuple[int, int], tuple[float, bool]] = {
+            (row, j): (lp, greedy0[row] == t) for (row, j), lp, t in zip(keys, lp_first, first_tok, strict=True)}
+        rows = [(row, j) for row, j in keys if len(requests[idx[row]].continuations[j]) > 1]
         rest: dict[tuple[int, int], tuple[list[float], list[bool]]] = {}
         if rows:
             cache = res.past_key_values
@@ -145,8 +147,7 @@ def _score_choices_cached(engine: TorchEngine, requests: Sequence[ChoiceRequest]
                     xmask[k, : len(c) - 1] = 1
                     pos[k] = len(ctxs[row]) + torch.arange(m)
                 sel = torch.tensor([row for row, _ in chunk], device=dev)
-                sub = copy.deepcopy(cache) if s + step < len(rows) else cache
-                sub.reorder_cache(sel)
+                sub = _rows_of(model, cache, sel, width + m, last_use=s + step >= len(rows))
                 full_mask = torch.cat([mask.index_select(0, sel), xmask.to(dev)], dim=1)
                 h = decoder(input_ids=x.to(dev), attention_mask=full_mask, position_ids=pos.to(dev),
                             past_key_values=sub, use_cache=True).last_hidden_state
@@ -160,6 +161,29 @@ def _score_choices_cached(engine: TorchEngine, requests: Sequence[ChoiceRequest]
                 more_lp, more_g = rest.get((row, j), ([], []))
                 out[i][j] = ScoreResult([lp, *more_lp], [g, *more_g])
     return out  # type: ignore[return-value]
+
+
+def _rows_of(model: Any, cache: Any, rows: torch.Tensor, capacity: int, *, last_use: bool) -> Any:
+    """A cache of `cache`'s rows `rows`, to be extended by a forward (one gather where the model
+    allows; else deep copy + reorder, which the last use can skip)."""
+    from quantgate.engines.kv_cache import reserved_select, supports_reserved_cache
+
+    if supports_reserved_cache(model):
+        return reserved_select(model, cache, rows, capacity)
+    sub = cache if last_use else copy.deepcopy(cache)
+    sub.reorder_cache(rows)
+    return sub
+
+
+def _prefix_copies(model: Any, prefix_cache: Any, rows: int, capacity: int) -> Any:
+    """`rows` copies of a batch-1 prefix cache, with room for `capacity` tokens where the model allows."""
+    from quantgate.engines.kv_cache import reserved_copy, supports_reserved_cache
+
+    if supports_reserved_cache(model):
+        return reserved_copy(model, prefix_cache, rows, capacity)
+    cache = copy.deepcopy(prefix_cache)
+    cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=prefix_cache.layers[0].keys.device))
+    return cache
 
 
 def _finish(engine: TorchEngine, new: list[int], stop: Sequence[str]) -> Generation:
@@ -202,8 +226,7 @@ def generate_shared(
         n = len(idx)
         width = max(len(r) for r in rows)
         budget = max(min(max_new_tokens, limits.max_seq_len - p_len - width), 1)
-        cache = copy.deepcopy(prefix_cache)
-        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=dev))  # one copy of the prefix per row
+        cache = _prefix_copies(model, prefix_cache, n, p_len + width + budget)
         mask = torch.ones((n, p_len), dtype=torch.long, device=dev)
         lens = torch.tensor([len(r) for r in rows], device=dev)
         if width:
@@ -226,27 +249,31 @@ def generate_shared(
             last = prefix_last.expand(n, -1)
         next_pos = p_len + lens
         new: list[list[int]] = [[] for _ in range(n)]
-        active = list(range(n))  # batch row -> suffix row; finished rows leave the batch
+        present = list(range(n))  # batch row -> suffix row
+        done = [False] * n
         for step in range(budget):
             tok = head(last).float().argmax(dim=-1)
             ids = tok.tolist()
-            for j, k in enumerate(active):
-                new[k].append(ids[j])
+            live = [j for j, k in enumerate(present) if not done[present[j]]]
+            for j in live:
+                new[present[j]].append(ids[j])
             # The last tokens' text holds a stop string? (the full text is trimmed below). One
             # batched decode per step: per-row, per-stop-string decodes were ~40 ms a step at 128 rows.
-            tails = engine.tokenizer.batch_decode([new[k][-16:] for k in active], skip_special_tokens=True) if stop else []
-            keep = [j for j in range(len(active))
-                    if ids[j] not in eos and not (stop and any(s in tails[j] for s in stop if s))]
+            tails = engine.tokenizer.batch_decode([new[present[j]][-16:] for j in live], skip_special_tokens=True) if stop else []
+            for t, j in enumerate(live):
+                if ids[j] in eos or (stop and any(s in tails[t] for s in stop if s)):
+                    done[present[j]] = True
+            keep = [j for j in range(len(present)) if not done[present[j]]]
             if not keep or step == budget - 1:
                 break
-            if len(keep) < len(active):
-                # Drop finished rows from the batch and its KV cache: the remaining steps attend
-                # and project only for rows still generating (GSM8K-CoT rows stop at very different lengths).
+            # Drop finished rows from the batch and its KV cache once they are an eighth of it:
+            # GSM8K-CoT rows stop at very different lengths, and each drop copies the cache.
+            if len(present) - len(keep) >= max(1, len(present) // 8):
                 sel = torch.tensor(keep, device=dev)
                 cache.reorder_cache(sel)
                 mask, tok, next_pos = mask[sel], tok[sel], next_pos[sel]
-                active = [active[j] for j in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=dev)], dim=1)
+                present = [present[j] for j in keep]
+            mask = torch.cat([mask, torch.ones((len(present), 1), dtype=torch.long, device=dev)], dim=1)
             h = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=(next_pos + step)[:, None],
                         past_key_values=cache, use_cache=True).last_hidden_state
             last = h[:, -1]
