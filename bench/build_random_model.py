@@ -20,6 +20,8 @@ SHAPES = {
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,  # CPU checks of scripts
+                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
 }
 
 

