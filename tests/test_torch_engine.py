@@ -126,3 +126,37 @@ def test_fp8_fake_quant_table_lookup_equals_the_cast():
         want = (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale
         got = fp8_fake_quant(x.reshape(-1, 8), scale).reshape(-1)
         assert torch.equal(got, want)
+
+
+def test_projections_of_one_input_share_its_fp8_quantization(tiny_model_dir, tmp_path):
+    """q/k/v and gate/up quantize their common input once (same values as each alone)."""
+    from quantgate.engines import torch_engine as te
+
+    model, tok, ids, _ref = _quantize(tiny_model_dir, "FP8_DEFAULT_CFG")
+    ckpt = export_checkpoint(model, tok, get_format("fp8"), "float16", tmp_path / "fp8")
+    shared, stats = load_exported_model(ckpt.dir, "cpu", torch.float32)
+    assert stats["shared_act_quant_groups"] == 4  # (q/k/v, gate/up) x 2 layers
+    alone, _ = load_exported_model(ckpt.dir, "cpu", torch.float32)
+    for m in alone.modules():
+        if isinstance(m, te.QuantLinear):
+            m.shared = None
+    calls = {"n": 0}
+    fq = te.fp8_fake_quant
+
+    def counting(x, scale):
+        calls["n"] += 1
+        return fq(x, scale)
+
+    for m in [*shared.modules(), *alone.modules()]:
+        if isinstance(m, te.QuantLinear) and m.act_quant is not None:
+            m.act_quant = counting
+    counts = []
+    with torch.inference_mode():
+        for mdl in (alone, shared):
+            calls["n"] = 0
+            out = mdl(ids).logits
+            counts.append(calls["n"])
+            if mdl is alone:
+                want = out
+    assert torch.equal(out, want)
+    assert counts == [14, 8]  # 7 per layer alone; 4 per layer shared

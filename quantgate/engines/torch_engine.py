@@ -112,12 +112,61 @@ class QuantLinear(nn.Module):
         self.act_quant = act_quant
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
+        self.shared: SharedActQuant | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
-        if self.act_quant is not None:
+        if self.shared is not None:
+            x = self.shared.quantized(self, x)
+        elif self.act_quant is not None:
             x = self.act_quant(x, self.input_scale)
         return F.linear(x, self.weight, self.bias)
+
+
+class SharedActQuant:
+    """The quantized activation of projections that read the same input with the same scale
+    (q/k/v, gate/up), computed once per round: the first member quantizes, the others (same
+    tensor, unmodified since) reuse it. The same values as each quantizing alone; on CPU the
+    fake-quant is ~1/5 of a quantized forward, and this drops 3 of the 7 per Llama layer."""
+
+    def __init__(self, members: list[QuantLinear]) -> None:
+        self.members = members
+        self._round: tuple[torch.Tensor, int, torch.Tensor, set[int]] | None = None
+
+    def quantized(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        from quantgate.engines.kernels import _version
+
+        r = self._round
+        if r is None or r[0] is not x or r[1] != _version(x) or id(member) in r[3]:
+            assert member.act_quant is not None
+            r = self._round = (x, _version(x), member.act_quant(x, member.input_scale), set())
+        r[3].add(id(member))
+        xq = r[2]
+        if len(r[3]) == len(self.members):
+            self._round = None  # hold no activation between rounds
+        return xq
+
+
+_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def share_activation_quant(model: nn.Module) -> int:
+    """Install SharedActQuant on reference-path projection groups with one input scale; count."""
+    groups = 0
+    for parent in model.modules():
+        for names in _SHARED_INPUTS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, QuantLinear) and m.act_quant is not None and m.pre_quant_scale is None for m in members):
+                continue
+            first = members[0]
+            if any(m.act_quant is not first.act_quant or not torch.equal(m.input_scale, first.input_scale) for m in members):  # type: ignore[union-attr]
+                continue
+            shared = SharedActQuant(members)  # type: ignore[arg-type]
+            for m in members:
+                m.shared = shared  # type: ignore[union-attr]
+            groups += 1
+    return groups
 
 
 def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -256,6 +305,7 @@ def load_exported_model(
     if left:
         raise StageError("engine", f"checkpoint tensors do not match the architecture: missing {left[:4]}")
     joined = kern.join_fp8_projections(model) if kernel_layers else {}
+    shared = share_activation_quant(model)
     resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     return model, {
         "quant_algo": algo, "quantized_layers": len(quantized),
@@ -264,6 +314,7 @@ def load_exported_model(
         "kernels": ("real" if not fallbacks else "mixed") if kernel_layers else "reference",
         **({"kernels_fallback": "; ".join(sorted(fallbacks))} if fallbacks and kernels != "reference" else {}),
         "checkpoint_tensor_bytes": file_bytes, "resident_tensor_bytes": resident, **joined,
+        **({"shared_act_quant_groups": shared} if shared else {}),
     }
 
 
