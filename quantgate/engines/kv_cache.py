@@ -127,7 +127,9 @@ def reserved_copy(model: Any, prefix: DynamicCache, rows: int, capacity: int) ->
 
 
 def reserved_select(model: Any, source: DynamicCache, rows: torch.Tensor, capacity: int) -> DynamicCache:
-    """A reserved cache with `source`'s rows `rows` (one gather, room for `capacity` tokens)."""
+    """A reserved cache with `source`'s rows `rows` and room for `capacity` tokens: the rows are
+    gathered, then written into the buffer (was: deep copy of all rows, reorder, and a torch.cat
+    when the continuation's forward appends)."""
     cache = reserved_cache(model, capacity)
     for layer, src in zip(cache.layers, source.layers, strict=True):
         idx = rows.to(src.keys.device)  # type: ignore[union-attr]
