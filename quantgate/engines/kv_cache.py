@@ -8,7 +8,7 @@ plus the generation budget: a step writes its one new slot. Views keep the last 
 which is all SDPA's kernels need, and every reader (masks, get_seq_length, attention) sees exactly
 the cached length, as with DynamicCache, so the numbers are the same.
 
-Dropping finished rows (`keep_rows`) copies the buffer once; callers batch those drops.
+Dropping finished rows (`batch_select_indices`) copies the buffer once; callers batch those drops.
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ class ReservedLayer(DynamicLayer):
         """Start from a cached prefix (batch 1 or `rows`), broadcast to `rows` rows: one write."""
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
-        self._len = 0
-        self._k = None
+        self._len = 0  # nothing of an earlier buffer is kept
         self._allocate(keys, rows, max(keys.shape[2], self.capacity))
         assert self._k is not None and self._v is not None
         self._k[:, :, : keys.shape[2]] = keys
@@ -96,11 +95,15 @@ class ReservedLayer(DynamicLayer):
             self._views()
 
 
+def _text_config(model: Any) -> Any:
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config(decoder=True) if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+
+
 def supports_reserved_cache(model: Any) -> bool:
     """Only plain full-attention decoders: sliding-window, linear-attention and other layer kinds
     keep transformers' own cache classes."""
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config(decoder=True) if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    cfg = _text_config(model)
     if cfg is None or not getattr(cfg, "num_hidden_layers", None):
         return False
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
@@ -111,9 +114,8 @@ def supports_reserved_cache(model: Any) -> bool:
 
 def reserved_cache(model: Any, capacity: int) -> DynamicCache:
     """A DynamicCache for `model` whose layers reserve `capacity` tokens per row."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     cache = DynamicCache()
-    cache.layers = [ReservedLayer(capacity) for _ in range(cfg.num_hidden_layers)]
+    cache.layers = [ReservedLayer(capacity) for _ in range(_text_config(model).num_hidden_layers)]
     cache.layer_class_to_replicate = None
     return cache
 

@@ -111,8 +111,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", input_scale)
         self.act_quant = act_quant
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-
-        self.shared: SharedActQuant | None = None
+        self.shared: SharedActQuant | None = None  # set by share_activation_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
@@ -131,7 +130,7 @@ class SharedActQuant:
     fake-quant is ~1/5 of a quantized forward, and this drops 3 of the 7 per Llama layer."""
 
     def __init__(self, members: list[QuantLinear]) -> None:
-        self.members = members
+        self.size = len(members)
         self._round: tuple[torch.Tensor, int, torch.Tensor, set[int]] | None = None
 
     def quantized(self, member: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +142,7 @@ class SharedActQuant:
             r = self._round = (x, _version(x), member.act_quant(x, member.input_scale), set())
         r[3].add(id(member))
         xq = r[2]
-        if len(r[3]) == len(self.members):
+        if len(r[3]) == self.size:
             self._round = None  # hold no activation between rounds
         return xq
 
@@ -518,7 +517,7 @@ class TorchEngine(Engine):
                 ids[row, width - len(p) :] = torch.tensor(p)
                 mask[row, width - len(p) :] = 1
             gen = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **self._cache_for(len(batch), width + budget),
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **self._cache_for(width + budget),
                 max_new_tokens=max(budget, 1), do_sample=False, num_beams=1,
                 eos_token_id=self._eos_ids, pad_token_id=self.pad_id,
                 stop_strings=list(stop) or None, tokenizer=self.tokenizer if stop else None,
@@ -538,7 +537,7 @@ class TorchEngine(Engine):
                 out[i] = Generation(new, text, reason)
         return out  # type: ignore[return-value]
 
-    def _cache_for(self, rows: int, tokens: int) -> dict[str, Any]:
+    def _cache_for(self, tokens: int) -> dict[str, Any]:
         """A KV cache with room for the whole generation (engines/kv_cache.py), where the model allows."""
         from quantgate.engines.kv_cache import reserved_cache, supports_reserved_cache
 

@@ -117,7 +117,6 @@ def _score_choices_cached(engine: TorchEngine, requests: Sequence[ChoiceRequest]
         hidden = res.last_hidden_state
         last = torch.tensor([len(c) - 1 for c in ctxs], device=dev)
         lp0 = _lp_rows(head, hidden[torch.arange(len(idx), device=dev), last])  # [B, vocab]
-        rows: list[tuple[int, int]] = []  # (batch row, choice) of continuations longer than 1 token
         # every continuation's first token, gathered on the device and read back once per batch
         # (one read per element is a device sync each: ~500 per MMLU batch)
         keys = [(row, j) for row, i in enumerate(idx) for j in range(len(requests[i].continuations))]
@@ -127,6 +126,7 @@ def _score_choices_cached(engine: TorchEngine, requests: Sequence[ChoiceRequest]
         greedy0 = lp0.argmax(dim=-1).tolist()
         firsts: dict[tuple[int, int], tuple[float, bool]] = {
             (row, j): (lp, greedy0[row] == t) for (row, j), lp, t in zip(keys, lp_first, first_tok, strict=True)}
+        # (batch row, choice) of continuations longer than 1 token
         rows = [(row, j) for row, j in keys if len(requests[idx[row]].continuations[j]) > 1]
         rest: dict[tuple[int, int], tuple[list[float], list[bool]]] = {}
         if rows:
@@ -164,8 +164,8 @@ def _score_choices_cached(engine: TorchEngine, requests: Sequence[ChoiceRequest]
 
 
 def _rows_of(model: Any, cache: Any, rows: torch.Tensor, capacity: int, *, last_use: bool) -> Any:
-    """A cache of `cache`'s rows `rows`, to be extended by a forward (one gather where the model
-    allows; else deep copy + reorder, which the last use can skip)."""
+    """A cache of `cache`'s rows `rows`, to be extended by a forward (a reserved buffer where the
+    model allows; else deep copy + reorder, which the last use can skip)."""
     from quantgate.engines.kv_cache import reserved_select, supports_reserved_cache
 
     if supports_reserved_cache(model):
@@ -254,7 +254,7 @@ def generate_shared(
         for step in range(budget):
             tok = head(last).float().argmax(dim=-1)
             ids = tok.tolist()
-            live = [j for j, k in enumerate(present) if not done[present[j]]]
+            live = [j for j, k in enumerate(present) if not done[k]]
             for j in live:
                 new[present[j]].append(ids[j])
             # The last tokens' text holds a stop string? (the full text is trimmed below). One
