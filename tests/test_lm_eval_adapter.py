@@ -147,3 +147,35 @@ def test_shared_prefix_generation_equals_plain_generation(pair, max_gen_toks):
         assert a == hf.generate_until(reqs, disable_tqdm=True)
     assert any(s.strip() for s in a)
     assert fast.stats["align"].tokens < slow.stats["align"].tokens
+
+
+
+def test_encoding_memo_reuses_ids_across_tokenizer_objects_and_keeps_them_apart(tmp_path, tiny_model_dir, monkeypatch):
+    """A second TokenEncoder over an identical tokenizer (the candidate's export) gets the same
+    ids without calling the tokenizer; a tokenizer with another vocabulary does not share them."""
+    from transformers import AutoTokenizer
+
+    from quantgate.evaluation.lm_eval_adapter import ENCODING_MEMO, TokenEncoder
+    from tests.tiny import build_tokenizer
+
+    ENCODING_MEMO.clear()
+    texts = [t[:200] for t in _texts()] + ["<|endoftext|>" + _texts()[0][:50]]
+    pairs = [(t[:-7], t[-7:]) for t in texts]
+    first = TokenEncoder(AutoTokenizer.from_pretrained(tiny_model_dir)).encode_pairs(pairs)
+    assert ENCODING_MEMO.tokens > 0
+
+    tok2 = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calls = []
+    original = type(tok2).__call__
+    monkeypatch.setattr(type(tok2), "__call__", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+    assert TokenEncoder(tok2).encode_pairs(pairs) == first
+    assert calls == []
+
+    other = build_tokenizer(tmp_path / "other", vocab_size=300)
+    assert ENCODING_MEMO.tokenizer_key(other) != ENCODING_MEMO.tokenizer_key(tok2)
+    got = TokenEncoder(other).encode_pairs(pairs[:-1])
+    assert calls  # encoded, not looked up
+    monkeypatch.setattr(ENCODING_MEMO, "tokenizer_key", lambda tok: None)  # no memo: encoded afresh
+    assert got == TokenEncoder(other).encode_pairs(pairs[:-1])
+    assert got != first[:-1]
+    ENCODING_MEMO.clear()

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
+import threading
 import time
+import weakref
+from array import array
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +69,58 @@ def model_context_length(engine: Engine) -> int | None:
     return None
 
 
+class EncodingMemo:
+    """Token ids of strings this process has already encoded, per tokenizer content and
+    special-token setting. A gate encodes the same ~220k strings of the standard suite four
+    times (prompt-length check and scoring, on each side: baseline and candidate load their own,
+    identical, tokenizer files); each pass after the first is dict look-ups. Keyed by the fast
+    tokenizer's serialized pipeline (`backend_tokenizer.to_str()`: normalizer, pre-tokenizer,
+    model, post-processor, which is where BOS/EOS are added), its class and special tokens; a slow
+    (Python) tokenizer is never memoized. Ids are stored as int32 arrays (~4 bytes a token) and
+    storing stops at `max_tokens`."""
+
+    def __init__(self, max_tokens: int = 64_000_000) -> None:
+        self.max_tokens = max_tokens
+        self.tokens = 0
+        self._ids: dict[tuple[str, bool, str], array] = {}
+        self._keys: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def tokenizer_key(self, tokenizer: Any) -> str | None:
+        try:
+            return self._keys[tokenizer]
+        except (KeyError, TypeError):
+            pass
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        key = None
+        if backend is not None and hasattr(backend, "to_str"):
+            special = sorted((k, str(v)) for k, v in getattr(tokenizer, "special_tokens_map", {}).items())
+            flags = [getattr(tokenizer, a, None) for a in ("add_bos_token", "add_eos_token")]
+            key = hashlib.sha256(f"{type(tokenizer).__qualname__}|{special}|{flags}|{backend.to_str()}".encode()).hexdigest()
+        with contextlib.suppress(TypeError):
+            self._keys[tokenizer] = key
+        return key
+
+    def get(self, key: str, special: bool, string: str) -> list[int] | None:
+        ids = self._ids.get((key, special, string))
+        return None if ids is None else ids.tolist()
+
+    def put(self, key: str, special: bool, string: str, ids: Sequence[int]) -> None:
+        with self._lock:
+            if self.tokens + len(ids) > self.max_tokens:
+                return
+            self._ids[(key, special, string)] = array("i", ids)
+            self.tokens += len(ids)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._ids.clear()
+            self.tokens = 0
+
+
+ENCODING_MEMO = EncodingMemo()
+
+
 class TokenEncoder:
     """HFLM's encoding rules, tokenizer only (also used to measure prompts before a run)."""
 
@@ -93,11 +149,24 @@ class TokenEncoder:
         out: dict[str, list[int]] = {}
         plain = [x for x in unique if not (self._prefix_text and x.startswith(self._prefix_text))]
         prefixed = [x for x in unique if self._prefix_text and x.startswith(self._prefix_text)]
+        key = ENCODING_MEMO.tokenizer_key(self.tokenizer)
         for group, special in ((plain, True), (prefixed, False)):
-            for start in range(0, len(group), 4096):
-                chunk = group[start : start + 4096]
-                ids = self.tokenizer(chunk, add_special_tokens=special)["input_ids"]
-                out.update(zip(chunk, (list(x) for x in ids), strict=True))
+            todo = group
+            if key is not None:
+                todo = []
+                for x in group:
+                    ids = ENCODING_MEMO.get(key, special, x)
+                    if ids is None:
+                        todo.append(x)
+                    else:
+                        out[x] = ids
+            for start in range(0, len(todo), 4096):
+                chunk = todo[start : start + 4096]
+                encoded = [list(x) for x in self.tokenizer(chunk, add_special_tokens=special)["input_ids"]]
+                out.update(zip(chunk, encoded, strict=True))
+                if key is not None:
+                    for x, ids in zip(chunk, encoded, strict=True):
+                        ENCODING_MEMO.put(key, special, x, ids)
         return out
 
     def encode_generation_context(self, string: str) -> list[int]:

@@ -725,8 +725,9 @@ def _first_filter(task: Any) -> str:
 
 def to_task_result(
     name: str, task: Any, results: dict[str, Any], samples: list[dict[str, Any]], stats: Any, built: BuiltSuite,
-    *, placeholders: dict[str, str] | None = None, provenance: dict[str, Any] | None = None,
+    *, placeholders: dict[str, str] | None = None, provenance: dict[str, Any] | None = None, config_hash: str | None = None,
 ) -> TaskResult:
+    """`config_hash`: the task's, taken before lm-eval's run mutates its config (num_fewshot None -> 0)."""
     output_type = task.OUTPUT_TYPE if hasattr(task, "OUTPUT_TYPE") else task.config.output_type
     kind = "perplexity" if output_type == "loglikelihood_rolling" else "accuracy"
     hib_all = results["higher_is_better"].get(name, {})
@@ -775,7 +776,7 @@ def to_task_result(
         higher_is_better=hib,
         items=items,
         num_fewshot=int(results.get("n-shot", {}).get(name, 0) or 0),
-        config_hash=_config_hash(task, placeholders if placeholders is not None else {str(built.build_dir): BUILD_PLACEHOLDER}, provenance),
+        config_hash=config_hash or _config_hash(task, placeholders if placeholders is not None else {str(built.build_dir): BUILD_PLACEHOLDER}, provenance),
         seconds=round(stats.seconds, 3) if stats else 0.0,
         tokens_scored=int(stats.tokens) if stats else 0,
         provenance=provenance,
@@ -836,15 +837,22 @@ def evaluate_tasks(engine: Engine, spec: EvaluationSpec, *, side: str) -> dict[s
     check_prompt_lengths(engine, tasks, spec, built)
     lm = QuantgateLM(engine, batch_size=spec.batch_size)
     names = list(tasks)
+    hashes = {n: _config_hash(tasks[n], lt.placeholders, _provenance(lt, n)) for n in names}
     log.info("evaluating %s on %s (%s)", side, ", ".join(names), built.suite.name)
     t0 = time.perf_counter()
     with compiled_templates():
-        out = _simple_evaluate(lm, names, tm, spec)
+        # The Task objects loaded above, not their names: lm-eval would load every task again.
+        out = _simple_evaluate(lm, [tasks[n] for n in names], tm, spec)
     wall = time.perf_counter() - t0
-    return _collect(out, names, lm, tasks, lt, built, side, wall)
+    return _collect(out, names, lm, tasks, lt, built, side, wall, hashes)
 
 
-def _simple_evaluate(lm: Any, names: list[str], tm: Any, spec: EvaluationSpec) -> Any:
+def _provenance(lt: LoadedTasks, name: str) -> dict[str, Any] | None:
+    owner = lt.owner.get(name, name)
+    return lt.standard[owner].provenance if owner in lt.standard else None
+
+
+def _simple_evaluate(lm: Any, tasks: list[Any], tm: Any, spec: EvaluationSpec) -> Any:
     import datasets.config
     import lm_eval
 
@@ -854,7 +862,7 @@ def _simple_evaluate(lm: Any, names: list[str], tm: Any, spec: EvaluationSpec) -
 
     return lm_eval.simple_evaluate(
         model=lm,
-        tasks=names,
+        tasks=tasks,
         task_manager=tm,
         limit=spec.limit,
         log_samples=True,
@@ -867,18 +875,19 @@ def _simple_evaluate(lm: Any, names: list[str], tm: Any, spec: EvaluationSpec) -
     )
 
 
-def _collect(out: Any, names: list[str], lm: Any, tasks: dict[str, Any], lt: Any, built: BuiltSuite, side: str, wall: float) -> dict[str, TaskResult]:
+def _collect(
+    out: Any, names: list[str], lm: Any, tasks: dict[str, Any], lt: LoadedTasks, built: BuiltSuite, side: str, wall: float,
+    config_hashes: dict[str, str],
+) -> dict[str, TaskResult]:
     if not out:
         raise StageError("evaluate", "lm-eval returned no results")
     leaf_results: dict[str, TaskResult] = {}
     for name in names:
         if name not in out["results"]:
             raise StageError("evaluate", f"lm-eval produced no results for task {name}")
-        st = lm.stats.get(name)
-        owner = lt.owner.get(name, name)
-        prov = lt.standard[owner].provenance if owner in lt.standard else None
-        leaf_results[name] = to_task_result(name, tasks[name], out, out["samples"].get(name, []), st, built,
-                                            placeholders=lt.placeholders, provenance=prov)
+        leaf_results[name] = to_task_result(name, tasks[name], out, out["samples"].get(name, []), lm.stats.get(name), built,
+                                            placeholders=lt.placeholders, provenance=_provenance(lt, name),
+                                            config_hash=config_hashes[name])
     # A requested group (mmlu) becomes ONE result over all its items, so the gate pairs them all.
     results: dict[str, TaskResult] = {}
     for owner in dict.fromkeys(lt.owner.get(n, n) for n in names):
