@@ -136,8 +136,7 @@ for s in "$@"; do
       models=$keep/models && mkdir -p "$models"
       tok=$(ls -d "$QUANTGATE_CACHE"/models/SmolLM2-135M-Instruct-* | head -1)
       step build_8b 200 python3 bench/build_random_model.py "$models/llama-8b" --shape llama-3.1-8b --tokenizer "$tok"
-      step big_fp8_standard "${BIG_TIMEOUT:-470}" python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
-        --set model.source="$models/llama-8b" --set model.dtype=bfloat16 ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
+      step big_fp8_standard "${BIG_TIMEOUT:-470}" python3 -m quantgate.cli run "${big8b[@]}" ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
     ladder)  # issue 14: the whole ladder of searches/default.yaml as one search (the first run on a fresh machine: cold caches)
       step search_full 590 python3 -m quantgate.cli search searches/default.yaml --full \
         --set tracking.enabled=false --set engine.device=cuda --set output_dir=runs_search --json ;;
@@ -149,8 +148,7 @@ for s in "$@"; do
           --set quantization.format="$1" --set quantization."$2" --set output_dir=runs_separate
       done ;;
     resume)  # the same 8B command again: a run cut by the call's time limit resumes from its last stage
-      step big_fp8_standard_resume 580 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" \
-        --set model.source="$keep/models/llama-8b" --set model.dtype=bfloat16 ;;
+      step big_fp8_standard_resume 580 python3 -m quantgate.cli run "${big8b[@]}" ;;
   esac
 done
 true
