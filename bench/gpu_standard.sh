@@ -26,7 +26,7 @@
 # single-process run under setsid (it lives until the machine goes back), `wait8b` / `waitstandard`
 # wait for it (WAIT_S seconds at most, default 540) and copy its JSON, log and wall time to OUT.
 # The next call must come within the machine's idle release (30 s).
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|gputests|kernelbench|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|gputests|kernelbench|decodemodes|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
 # (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds; BIG_BATCH: batch size of `big`/`resume`/`standard`;
 #  KB_FORMATS: formats of `kernelbench`)
 set -uo pipefail
@@ -114,6 +114,10 @@ for s in "$@"; do
     bgstandard)  # the bundled SmolLM2-135M on `standard`, both sides, one cold process
       bgstart default_standard python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
     waitstandard) bgwait default_standard ;;
+    decodemodes)  # GSM8K-CoT-shaped generation of the 8B shape in the gate's path: shrinking / fixed / graph decode, same process
+      build8b
+      step decode_modes 300 python3 bench/decode_modes.py "$keep/models/llama-8b" --batch "$BIG_BATCH" --rows "$BIG_BATCH" --new 256 \
+        --repeats 2 --out "$out/decode_modes.json" ;;
     decodecache)  # decode steps of the 8B shape: DynamicCache (torch.cat per step) vs the reserved cache, same process
       step decode_cache 240 python3 bench/decode_attention.py --compare cache --shape llama-3.1-8b --batch 128 --context 900 \
         --steps 32 --repeats 3 --out "$out/decode_cache.json" ;;
@@ -126,7 +130,7 @@ for s in "$@"; do
     standard)  # cut by a call's limit? run it again in the next call: it resumes after its last complete stage
       step default_standard 560 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
     gputests)  # the CUDA tests (marked gpu) of the kernels: real kernels vs the reference path
-      step pytest_gpu 240 python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider ;;
+      step pytest_gpu 240 python3 -m pytest -m gpu tests/test_kernels.py tests/test_decode_graph.py -q -p no:cacheprovider ;;
     kernelbench)  # issue 12: FP8 (joined and separate projections) vs bf16 on the Llama-3.1-8B shape
       step gpu_kernels_stdout 330 python3 bench/gpu_kernels.py --out "$out/gpu_kernels.json" --formats "${KB_FORMATS:-bf16,fp8,fp8-separate}" ;;
     kernels)

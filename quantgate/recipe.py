@@ -115,6 +115,12 @@ class EngineSpec(_Strict):
         "and runs real low-precision GEMMs (reference elsewhere); 'reference' dequantizes the weights "
         "and fake-quantizes activations (exact, slower, 16-bit weights in memory; always on CPU).",
     )
+    decode: Literal["auto", "graph", "fixed", "shrinking"] = Field(
+        "auto",
+        description="Torch backend, shared-prefix generation (GSM8K-CoT): 'graph' decodes at fixed shapes "
+        "and replays each step as a CUDA graph, 'fixed' the same shapes eagerly, 'shrinking' eagerly with "
+        "finished rows leaving the batch; 'auto' is 'graph' on CUDA and 'shrinking' on CPU.",
+    )
     max_batch_size: int = Field(8, gt=0, description="Maximum sequences per engine call.")
     max_input_len: int = Field(2048, gt=0, description="Longest prompt the engine accepts (tokens).")
     max_seq_len: int = Field(2304, gt=0, description="Prompt plus generated tokens (tokens).")

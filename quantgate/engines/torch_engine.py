@@ -349,8 +349,17 @@ def identity(recipe: Any) -> dict[str, Any]:
     # "attention": decode steps of grouped-query models changed kernels (engines/attention.py):
     # same math, other rounding, so baselines cached before it are not reused. "kv_cache": decode
     # reads K/V as views of a reserved buffer (engines/kv_cache.py), which kernels may round otherwise.
+    # "decode": how shared-prefix generation steps run (engines/decode_graph.py); a fixed-shape
+    # step attends over the whole reserved buffer with the tail masked, which kernels may round otherwise.
     return {"device_type": device, "compute_dtype": str(compute_dtype_for(device, recipe.model.dtype)), "torch": torch.__version__,
-            "attention": "sdpa+grouped-decode/1", "kv_cache": "reserved/1"}
+            "attention": "sdpa+grouped-decode/1", "kv_cache": "reserved/1", "decode": f"{resolved_decode(recipe.engine.decode, device)}/1"}
+
+
+def resolved_decode(mode: str, device: str) -> str:
+    """The decode a setting means on a device (see EngineSpec.decode): graphs need CUDA."""
+    if mode == "auto":
+        return "shrinking" if device == "cpu" else "graph"
+    return "fixed" if mode == "graph" and device == "cpu" else mode
 
 
 class TorchEngine(Engine):
@@ -371,6 +380,7 @@ class TorchEngine(Engine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos_ids[0]
         self._one_time: dict[str, float] = {}
         self._memory: dict[str, int] = {}
+        self.decode_mode = resolved_decode(str(self.settings.get("decode", "auto")), device)
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, spec: EngineSpec) -> TorchEngine:
@@ -392,7 +402,7 @@ class TorchEngine(Engine):
         stats["attention"] = "sdpa, grouped decode" if use_grouped_decode_attention(model) else "sdpa"
         tok = AutoTokenizer.from_pretrained(checkpoint.dir)
         limits = EngineLimits(spec.max_batch_size, spec.max_input_len, spec.max_seq_len)
-        engine = cls(model, tok, limits, device, settings=stats)
+        engine = cls(model, tok, limits, device, settings={**stats, "decode": getattr(spec, "decode", "auto")})
         engine._one_time["load_s"] = round(load_s, 3)
         if device != "cpu":
             engine._memory["resident_gpu_bytes"] = int(torch.cuda.memory_allocated())
@@ -418,6 +428,16 @@ class TorchEngine(Engine):
 
     def one_time_costs(self) -> dict[str, float]:
         return dict(self._one_time)
+
+    def note_decode(self, stats: dict[str, Any]) -> None:
+        """Counts of a fixed-shape decode batch (engines/decode_graph.py), kept with the one-time costs."""
+        t = self._one_time
+        t["decode_batches"] = t.get("decode_batches", 0) + 1
+        t["decode_graph_capture_s"] = round(t.get("decode_graph_capture_s", 0.0) + stats["capture_s"], 3)
+        t["decode_graph_replays"] = t.get("decode_graph_replays", 0) + stats["replays"]
+        t["decode_eager_steps"] = t.get("decode_eager_steps", 0) + stats["eager_steps"]
+        if stats.get("fallback"):
+            self.settings["decode_fallback"] = stats["fallback"]
 
     def memory_stats(self) -> dict[str, int]:
         return {**self._memory, **{k: v for k, v in self.settings.items() if k.endswith("_bytes")}}

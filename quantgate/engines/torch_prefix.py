@@ -27,6 +27,7 @@ from quantgate.engines.base import (
     ScoreResult,
     trim_at_stop,
 )
+from quantgate.engines.decode_graph import aligned
 from quantgate.errors import StageError
 
 if TYPE_CHECKING:
@@ -214,19 +215,21 @@ def generate_shared(
     for s in suffixes:
         if len(prefix) + len(s) > limits.max_input_len:
             raise StageError("engine", f"prompt of {len(prefix) + len(s)} tokens exceeds engine.max_input_len={limits.max_input_len}")
+    mode = decode_mode(engine)
+    fixed = mode != "shrinking"
     base = decoder(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
     prefix_cache, p_len = base.past_key_values, len(prefix)
     prefix_last = base.last_hidden_state[0, -1]
     out: list[Generation | None] = [None] * len(suffixes)
     order = sorted(range(len(suffixes)), key=lambda i: -len(suffixes[i]))
-    eos = set(engine.eos_token_ids)
     for b in range(0, len(order), limits.max_batch_size):
         idx = order[b : b + limits.max_batch_size]
         rows = [list(suffixes[i]) for i in idx]
         n = len(idx)
         width = max(len(r) for r in rows)
         budget = max(min(max_new_tokens, limits.max_seq_len - p_len - width), 1)
-        cache = _prefix_copies(model, prefix_cache, n, p_len + width + budget)
+        capacity = p_len + width + budget
+        cache = _prefix_copies(model, prefix_cache, n, aligned(capacity) if fixed else capacity)
         mask = torch.ones((n, p_len), dtype=torch.long, device=dev)
         lens = torch.tensor([len(r) for r in rows], device=dev)
         if width:
@@ -248,35 +251,95 @@ def generate_shared(
         else:
             last = prefix_last.expand(n, -1)
         next_pos = p_len + lens
-        new: list[list[int]] = [[] for _ in range(n)]
-        present = list(range(n))  # batch row -> suffix row
-        done = [False] * n
-        for step in range(budget):
-            tok = head(last).float().argmax(dim=-1)
-            ids = tok.tolist()
-            live = [j for j, k in enumerate(present) if not done[k]]
-            for j in live:
-                new[present[j]].append(ids[j])
-            # The last tokens' text holds a stop string? (the full text is trimmed below). One
-            # batched decode per step: per-row, per-stop-string decodes were ~40 ms a step at 128 rows.
-            tails = engine.tokenizer.batch_decode([new[present[j]][-16:] for j in live], skip_special_tokens=True) if stop else []
-            for t, j in enumerate(live):
-                if ids[j] in eos or (stop and any(s in tails[t] for s in stop if s)):
-                    done[present[j]] = True
-            keep = [j for j in range(len(present)) if not done[present[j]]]
-            if not keep or step == budget - 1:
-                break
-            # Drop finished rows from the batch and its KV cache once they are an eighth of it:
-            # GSM8K-CoT rows stop at very different lengths, and each drop copies the cache.
-            if len(present) - len(keep) >= max(1, len(present) // 8):
-                sel = torch.tensor(keep, device=dev)
-                cache.reorder_cache(sel)
-                mask, tok, next_pos = mask[sel], tok[sel], next_pos[sel]
-                present = [present[j] for j in keep]
-            mask = torch.cat([mask, torch.ones((len(present), 1), dtype=torch.long, device=dev)], dim=1)
-            h = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=(next_pos + step)[:, None],
-                        past_key_values=cache, use_cache=True).last_hidden_state
-            last = h[:, -1]
+        first = head(last).float().argmax(dim=-1)
+        if fixed:
+            new = _decode_fixed_shape(engine, cache, mask, next_pos, first, budget, stop, graph=mode == "graph")
+        else:
+            new = _decode_shrinking(engine, cache, mask, next_pos, first, budget, stop)
         for k, i in enumerate(idx):
             out[i] = _finish(engine, new[k], stop)
     return out  # type: ignore[return-value]
+
+
+class _RowTokens:
+    """Each row's generated tokens, and which rows are finished: EOS, or a stop string in the text
+    of its last 16 tokens (the full text is trimmed by _finish)."""
+
+    def __init__(self, engine: TorchEngine, rows: int, stop: Sequence[str]) -> None:
+        self.engine, self.stop = engine, [s for s in stop if s]
+        self.eos = set(engine.eos_token_ids)
+        self.new: list[list[int]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+
+    def add(self, ids: list[int], present: Sequence[int]) -> None:
+        """`ids[j]` is the token of row `present[j]`; finished rows ignore theirs."""
+        live = [j for j, k in enumerate(present) if not self.done[k]]
+        for j in live:
+            self.new[present[j]].append(ids[j])
+        # One batched decode per step: per-row, per-stop-string decodes were ~40 ms a step at 128 rows.
+        tails = self.engine.tokenizer.batch_decode([self.new[present[j]][-16:] for j in live], skip_special_tokens=True) if self.stop else []
+        for t, j in enumerate(live):
+            if ids[j] in self.eos or (self.stop and any(s in tails[t] for s in self.stop)):
+                self.done[present[j]] = True
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+
+def decode_mode(engine: TorchEngine) -> str:
+    """How generate_shared decodes (EngineSpec.decode): 'graph' (fixed shapes, one CUDA graph per
+    batch: engines/decode_graph.py), 'fixed' (the same shapes, eager) or 'shrinking' (eager,
+    finished rows leave the batch). Fixed shapes need the reserved KV cache."""
+    from quantgate.engines.kv_cache import supports_reserved_cache
+    from quantgate.engines.torch_engine import resolved_decode
+
+    if not supports_reserved_cache(engine.model):
+        return "shrinking"
+    return resolved_decode(getattr(engine, "decode_mode", "auto"), engine.device)
+
+
+def _decode_fixed_shape(engine: TorchEngine, cache: Any, mask: torch.Tensor, next_pos: torch.Tensor, tok: torch.Tensor,
+                        budget: int, stop: Sequence[str], *, graph: bool) -> list[list[int]]:
+    """Greedy tokens per row, every row kept to the end; with `graph`, each step one CUDA graph replay."""
+    from quantgate.engines.decode_graph import FixedShapeDecoder
+
+    rows = _RowTokens(engine, len(tok), stop)
+    present = range(len(tok))
+    dec = FixedShapeDecoder(engine.model, cache, mask, next_pos, graph=graph)
+    try:
+        for step in range(budget):
+            rows.add(tok.tolist(), present)
+            if rows.all_done or step == budget - 1:
+                break
+            tok = dec.step(tok)
+    finally:
+        dec.close()
+        engine.note_decode(dec.stats())
+    return rows.new
+
+
+def _decode_shrinking(engine: TorchEngine, cache: Any, mask: torch.Tensor, next_pos: torch.Tensor, tok: torch.Tensor,
+                      budget: int, stop: Sequence[str]) -> list[list[int]]:
+    """Greedy tokens per row, eager steps; finished rows leave the batch and its KV cache."""
+    decoder, dev = engine.model.get_decoder(), engine.device
+    head = engine.model.get_output_embeddings()
+    rows = _RowTokens(engine, len(tok), stop)
+    present = list(range(len(tok)))  # batch row -> row
+    for step in range(budget):
+        rows.add(tok.tolist(), present)
+        keep = [j for j in range(len(present)) if not rows.done[present[j]]]
+        if not keep or step == budget - 1:
+            break
+        # Drop finished rows from the batch and its KV cache once they are an eighth of it:
+        # GSM8K-CoT rows stop at very different lengths, and each drop copies the cache.
+        if len(present) - len(keep) >= max(1, len(present) // 8):
+            sel = torch.tensor(keep, device=dev)
+            cache.reorder_cache(sel)
+            mask, tok, next_pos = mask[sel], tok[sel], next_pos[sel]
+            present = [present[j] for j in keep]
+        mask = torch.cat([mask, torch.ones((len(present), 1), dtype=torch.long, device=dev)], dim=1)
+        h = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=(next_pos + step)[:, None],
+                    past_key_values=cache, use_cache=True).last_hidden_state
+        tok = head(h[:, -1]).float().argmax(dim=-1)
+    return rows.new
