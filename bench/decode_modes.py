@@ -66,7 +66,9 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "torch": torch.__version__,
                     "model": args.model_dir.name, "layers": model.config.num_hidden_layers, "grouped_attention": grouped,
                     "batch": args.batch, "rows": args.rows, "prefix": args.prefix, "suffix_max": args.suffix, "new": args.new,
-                    "load_s": round(load_s, 1), "runs": {m: [] for m in modes}}
+                    "load_s": round(load_s, 1), "runs": {m: [] for m in modes},
+                    # SDPBackend ids (1 flash, 2 efficient, 0 math, 3 cuDNN): the order SDPA tries them in
+                    "sdp_priority": [int(b) for b in torch._C._get_sdp_priority_order()]}
     tokens: dict[str, list[list[int]]] = {}
     for _rep in range(args.repeats):
         for mode in modes:
