@@ -100,14 +100,23 @@ class FixedShapeDecoder:
         torch.cuda.current_stream().wait_stream(side)
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
+        # capture_begin/end rather than `torch.cuda.graph(...)`, which empties the allocator's cache
+        # before every capture (one capture per batch here).
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.graph(graph):
-                out = self._body()
+            with torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    out = self._body()
+                finally:
+                    graph.capture_end()
         except Exception as err:  # a model whose step cannot be captured decodes eagerly
             self.fallback = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             log.warning("decode: CUDA graph capture failed, decoding eagerly at fixed shapes (%s)", self.fallback)
             torch.cuda.synchronize()
             return first
+        torch.cuda.current_stream().wait_stream(stream)
         self._graph, self._out = graph, out
         self.capture_s = time.perf_counter() - t0
         return first
