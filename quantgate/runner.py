@@ -252,6 +252,12 @@ class Run:
         consumers = [s for s in self.stages if stage.produces in s.needs]
         return bool(consumers) and all(self.reusable(s) or self.skippable(s) for s in consumers)
 
+    def prefetch(self) -> None:
+        """Let each stage that will run start its background one-time work (Stage.prefetch)."""
+        for stage in self.stages:
+            if not self.skippable(stage) and not self.reusable(stage):
+                stage.prefetch(self.ctx)
+
     def release_unneeded(self, done: int) -> None:
         """Drop in-memory artifacts (the calibrated model) that no later stage needs."""
         later = {n for s in self.stages[done + 1 :] for n in s.needs}
@@ -316,6 +322,7 @@ def _execute(run: Run, sinks: list[Any]) -> RecipeOutcome:
         atomic_write_text(run.run_dir / "recipe.yaml", public_recipe_yaml(run.recipe))
         for sink in sinks:
             sink.run_start(run)
+        run.prefetch()
         for i, stage in enumerate(run.stages):
             if run.skippable(stage):
                 continue

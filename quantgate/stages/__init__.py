@@ -45,6 +45,11 @@ class Stage:
         whose key changed runs again, and so does everything downstream of it."""
         return None
 
+    def prefetch(self, ctx: RunContext) -> None:
+        """Called once at the start of a run for each stage that will run: start slow one-time work
+        that needs none of the stage's inputs (compiling CUDA extensions) in the background; `run`
+        waits for it. Work started here must be safe to abandon and to redo."""
+
     def run(self, ctx: RunContext, **inputs: Any) -> Any:
         raise NotImplementedError
 

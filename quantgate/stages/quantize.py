@@ -8,7 +8,10 @@ stage that reads the in-memory model comes before `export` in the plan.
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,9 +50,19 @@ class Calibrate(Stage):
     produces: ClassVar[str] = "calibrated"
     persistent: ClassVar[bool] = False  # in memory only; calibration.json records what was done
 
+    def __init__(self) -> None:
+        self._compiling: subprocess.Popen[bytes] | None = None
+
     def identity(self, recipe: Any) -> Any:
         return {"dtype": recipe.model.dtype, "quantization": recipe.quantization.model_dump(mode="json"),
                 "calibration": recipe.calibration.model_dump(mode="json"), "device": recipe.engine.device}
+
+    def prefetch(self, ctx: RunContext) -> None:
+        # On a fresh machine ModelOpt JIT-compiles its CUDA extensions (~50 s, CPU-bound nvcc):
+        # a child process does it while the baseline is exported and evaluated on the GPU.
+        recipe = ctx.recipe
+        if calibration_device(recipe) == "cuda" and self._compiling is None and _warm_key(recipe.quantization, recipe.model.dtype) not in _WARMED:
+            self._compiling = start_modelopt_cuda_compile(recipe)
 
     def run(self, ctx: RunContext, *, model: ModelRef) -> CalibratedModel:
         from quantgate.calibrate import calibrate
@@ -66,7 +79,11 @@ class Calibrate(Stage):
             import_clean("modelopt.torch.quantization")
         if device == "cuda":
             with ctx.clock.stage("modelopt_cuda_extensions"):
+                if self._compiling is not None:  # whatever it left undone, the warm-up below does
+                    rc = self._compiling.wait()
+                    log.info("ModelOpt CUDA extensions: background compile exited with %s", rc)
                 warm_up_modelopt_cuda(fmt, recipe.quantization, torch_dtype(recipe.model.dtype))
+                _WARMED.add(_warm_key(recipe.quantization, recipe.model.dtype))
         # CPU: calibrate in float32 (fast, exact fake-quant) and cast to 16-bit at export.
         dtype = torch_dtype(recipe.model.dtype) if device == "cuda" else torch_dtype("float32")
         with ctx.clock.stage("load_model"):
@@ -77,6 +94,31 @@ class Calibrate(Stage):
 
     def save(self, ctx: RunContext, value: CalibratedModel) -> dict[str, Any]:
         return {"file": "calibration.json", "seconds": value.info.seconds, "sha256": value.info.content_sha256}
+
+
+_WARMED: set[str] = set()  # quantizations whose extensions this process has loaded
+
+
+def _warm_key(quantization: Any, dtype: Any) -> str:
+    return json.dumps([quantization.model_dump(mode="json"), str(dtype)], sort_keys=True)
+
+
+def start_modelopt_cuda_compile(recipe: Any) -> subprocess.Popen[bytes]:
+    """A child process running `warm_up_modelopt_cuda` for the recipe's format: it compiles into
+    TORCH_EXTENSIONS_DIR what this process then only loads. Never killed (torch's build lock
+    would stay behind); its output goes nowhere (stdout may carry --json)."""
+    payload = json.dumps({"quantization": recipe.quantization.model_dump(mode="json"), "dtype": recipe.model.dtype})
+    code = "import sys; from quantgate.stages.quantize import warm_up_in_child; warm_up_in_child(sys.argv[1])"
+    return subprocess.Popen([sys.executable, "-c", code, payload], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def warm_up_in_child(payload: str) -> None:
+    from quantgate.recipe import QuantizationSpec
+
+    data = json.loads(payload)
+    quantization = QuantizationSpec.model_validate(data["quantization"])
+    warm_up_modelopt_cuda(formats.get_format(quantization.format), quantization, torch_dtype(data["dtype"]))
 
 
 def warm_up_modelopt_cuda(fmt: Any, quantization: Any, dtype: Any = None) -> None:
