@@ -125,14 +125,15 @@ class StageClock:
         self.prefix = prefix
         self.timings: dict[str, float] = {}
         self.peak_gpu_bytes: dict[str, int] = {}
-        self.one_time_costs: dict[str, float] = {}  # engine load / warm-up per side (seconds)
+        self.one_time_costs: dict[str, float] = {}  # engine load / warm-up per side (seconds; decode_* counts)
         self.memory: dict[str, int] = {}  # engine resident / load-peak / checkpoint bytes per side
 
     def note(self, side: str, costs: dict[str, float], memory: dict[str, int]) -> None:
         self.one_time_costs.update({f"{side}.{k}": round(float(v), 3) for k, v in costs.items()})
         self.memory.update({f"{side}.{k}": int(v) for k, v in memory.items() if isinstance(v, (int, float))})
         if costs:
-            log.info("[%s] %s engine one-time costs: %s", self.prefix, side, ", ".join(f"{k} {v:.1f} s" for k, v in costs.items()))
+            log.info("[%s] %s engine one-time costs: %s", self.prefix, side,
+                     ", ".join(f"{k} {v:.1f} s" if k.endswith("_s") else f"{k} {v:g}" for k, v in costs.items()))
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

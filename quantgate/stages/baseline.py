@@ -58,16 +58,18 @@ def release_memory() -> None:
 
 def evaluate_checkpoint(ckpt: Checkpoint, recipe: Any, side: str, golden_reference: Any = None, clock: Any = None) -> EvalResults:
     """Load the checkpoint in the recipe's engine and evaluate it. The engine's one-time costs
-    (load, warm-up) and memory (resident, load peak, checkpoint tensors) are noted on the clock
-    per side, apart from the evaluation's own time."""
+    (load, warm-up, CUDA graph captures and counts) and memory (resident, load peak, checkpoint
+    tensors) are noted on the clock per side, apart from the evaluation's own time."""
     from quantgate.engines import load_engine
     from quantgate.evaluation.run import evaluate_side
 
     try:
         with load_engine(ckpt, recipe.engine) as engine:
-            if clock is not None:
-                clock.note(side, engine.one_time_costs(), engine.memory_stats())
-            return evaluate_side(engine, recipe.evaluation, side=side, golden_reference=golden_reference)
+            try:
+                return evaluate_side(engine, recipe.evaluation, side=side, golden_reference=golden_reference)
+            finally:  # after the evaluation: the costs include how generation decoded (torch_prefix.py)
+                if clock is not None:
+                    clock.note(side, engine.one_time_costs(), engine.memory_stats())
     finally:
         release_memory()
 
