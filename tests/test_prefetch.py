@@ -77,3 +77,20 @@ def test_the_child_warms_up_what_the_recipe_quantizes(monkeypatch, fmt):
     quantize.warm_up_in_child(payload)
     (name, quantization, dtype), = seen
     assert name == fmt and quantization == recipe.quantization and dtype == torch.bfloat16
+
+
+def test_the_child_command_reaches_the_warm_up(monkeypatch):
+    """The real child command (imports, payload, recipe schema) gets as far as ModelOpt's warm-up,
+    which on a machine without CUDA fails there and nowhere earlier."""
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the child would compile for real")
+    recipe = load_recipe("recipes/fp8.yaml")
+    done = subprocess.run(quantize.modelopt_compile_command(recipe), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    tail = done.stderr.strip().splitlines()[-1]
+    assert "CUDA" in tail or "cuda" in tail, tail
+    assert "warm_up_modelopt_cuda" in done.stderr and "Error" in tail

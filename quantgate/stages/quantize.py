@@ -103,13 +103,17 @@ def _warm_key(quantization: Any, dtype: Any) -> str:
     return json.dumps([quantization.model_dump(mode="json"), str(dtype)], sort_keys=True)
 
 
+def modelopt_compile_command(recipe: Any) -> list[str]:
+    payload = json.dumps({"quantization": recipe.quantization.model_dump(mode="json"), "dtype": recipe.model.dtype})
+    code = "import sys; from quantgate.stages.quantize import warm_up_in_child; warm_up_in_child(sys.argv[1])"
+    return [sys.executable, "-c", code, payload]
+
+
 def start_modelopt_cuda_compile(recipe: Any) -> subprocess.Popen[bytes]:
     """A child process running `warm_up_modelopt_cuda` for the recipe's format: it compiles into
     TORCH_EXTENSIONS_DIR what this process then only loads. Never killed (torch's build lock
     would stay behind); its output goes nowhere (stdout may carry --json)."""
-    payload = json.dumps({"quantization": recipe.quantization.model_dump(mode="json"), "dtype": recipe.model.dtype})
-    code = "import sys; from quantgate.stages.quantize import warm_up_in_child; warm_up_in_child(sys.argv[1])"
-    return subprocess.Popen([sys.executable, "-c", code, payload], stdin=subprocess.DEVNULL,
+    return subprocess.Popen(modelopt_compile_command(recipe), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
