@@ -56,8 +56,9 @@ def test_fixed_shapes_give_the_shrinking_loops_tokens(tiny_model_dir, monkeypatc
     assert stats2["fixed"]["decode_graph_replays"] == 0 and "decode_batches" not in stats["shrinking"]
 
 
-def test_buffers_start_zeroed_and_capacity_must_be_aligned():
-    """Masked slots are read by a fixed-shape step: NaN bits there would poison the softmax."""
+def test_freezing_zeroes_the_unwritten_slots_and_capacity_must_be_aligned():
+    """A fixed-shape step reads every slot and masks the unwritten ones; NaN bits there would still
+    poison the softmax (q.k + -inf is NaN), so freezing zeroes them: a poisoned tail changes nothing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from quantgate.engines.decode_graph import ALIGN, FixedShapeDecoder, aligned
@@ -66,21 +67,28 @@ def test_buffers_start_zeroed_and_capacity_must_be_aligned():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")).eval()
     ids = torch.randint(1, 97, (2, 5))
-    for capacity, ok in ((aligned(9), True), (9, False)):
-        cache = kv_cache.reserved_cache(model, capacity)
-        with torch.inference_mode():
+    nexts = []
+    with torch.inference_mode():  # as generate_shared runs
+        for poison in (False, True, None):
+            capacity = aligned(9) if poison is not None else 9
+            cache = kv_cache.reserved_cache(model, capacity)
             model(input_ids=ids, past_key_values=cache, use_cache=True)
-        layer = cache.layers[0]
-        assert layer._k.shape[2] == capacity and torch.count_nonzero(layer._k[:, :, 5:]) == 0
-        if ok:
+            layer = cache.layers[0]
+            assert layer._k.shape[2] == capacity
+            if poison:
+                for lay in cache.layers:
+                    lay._k[:, :, 5:] = float("nan")
+                    lay._v[:, :, 5:] = float("nan")
+            if poison is None:
+                with pytest.raises(ValueError, match="aligned capacity"):
+                    FixedShapeDecoder(model, cache, torch.ones_like(ids), torch.full((2,), 5), graph=False)
+                continue
             assert capacity % ALIGN == 0
             dec = FixedShapeDecoder(model, cache, torch.ones_like(ids), torch.full((2,), 5), graph=False)
-            with torch.inference_mode():
-                nxt = dec.step(torch.tensor([3, 4]))
-            assert nxt.shape == (2,) and int(dec._slot) == 6 and layer.keys.shape[2] == 5  # views untouched
-        else:
-            with pytest.raises(ValueError, match="aligned capacity"):
-                FixedShapeDecoder(model, cache, torch.ones_like(ids), torch.full((2,), 5), graph=False)
+            assert torch.count_nonzero(layer._k[:, :, 5:]) == 0 and torch.count_nonzero(layer._v[:, :, 5:]) == 0
+            nexts.append([dec.step(torch.tensor([3, 4])).tolist() for _ in range(3)])
+            assert int(dec._slot) == 8 and layer.keys.shape[2] == 5  # the views of the eager path untouched
+    assert nexts[0] == nexts[1]
 
 
 @pytest.mark.gpu

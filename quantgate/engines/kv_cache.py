@@ -9,8 +9,7 @@ which is all SDPA's kernels need, and every reader (masks, get_seq_length, atten
 the cached length, as with DynamicCache, so the numbers are the same.
 
 Dropping finished rows (`batch_select_indices`) copies the buffer once; callers batch those drops.
-Buffers start zeroed: a fixed-shape decode (engines/decode_graph.py) reads the whole buffer and
-masks the unwritten slots, and a masked score is q.k + (-inf), which is NaN if the slot holds NaN bits.
+`freeze()` switches a layer to fixed shapes for CUDA graphs (engines/decode_graph.py).
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ class ReservedLayer(DynamicLayer):
 
     def _allocate(self, like: torch.Tensor, rows: int, capacity: int) -> None:
         shape = (rows, like.shape[1], capacity, like.shape[3])
-        k = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        k = torch.empty(shape, dtype=like.dtype, device=like.device)
+        v = torch.empty(shape, dtype=like.dtype, device=like.device)
         if self._k is not None and self._len:
             k[:, :, : self._len] = self._k[:, :, : self._len]
             v[:, :, : self._len] = self._v[:, :, : self._len]  # type: ignore[index]
@@ -48,8 +47,11 @@ class ReservedLayer(DynamicLayer):
     def freeze(self, slot: torch.Tensor) -> None:
         """Fixed-shape mode (engines/decode_graph.py): from now on update() writes its one token at
         `slot`, a 1-element device tensor the caller advances, and returns the WHOLE buffer, so
-        shapes never change; attention must mask the slots past the cached length."""
-        assert self._k is not None, "freeze() after the prompt's forward"
+        shapes never change; attention must mask the slots past the cached length. Those slots are
+        zeroed here: a masked score is q.k + (-inf), which is NaN if the slot holds NaN bits."""
+        assert self._k is not None and self._v is not None, "freeze() after the prompt's forward"
+        self._k[:, :, self._len :].zero_()
+        self._v[:, :, self._len :].zero_()
         self._slot = slot
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
