@@ -26,7 +26,7 @@
 # single-process run under setsid (it lives until the machine goes back), `wait8b` / `waitstandard`
 # wait for it (WAIT_S seconds at most, default 540) and copy its JSON, log and wall time to OUT.
 # The next call must come within the machine's idle release (30 s).
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|gputests|kernelbench|decodemodes|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|cold|gputests|kernelbench|decodemodes|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
 # (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds; BIG_BATCH: batch size of `big`/`resume`/`standard`;
 #  KB_FORMATS: formats of `kernelbench`)
 set -uo pipefail
@@ -111,6 +111,8 @@ for s in "$@"; do
       build8b
       bgstart big_fp8_standard python3 -m quantgate.cli run "${big8b[@]}" ;;
     wait8b) bgwait big_fp8_standard ;;
+    cold)  # empty the quantgate cache and the torch extensions (a repeat of bg8b is then cold again)
+      rm -rf "$QUANTGATE_CACHE" "$TORCH_EXTENSIONS_DIR" && echo "caches emptied" | tee -a "$out/walls.txt" ;;
     bgstandard)  # the bundled SmolLM2-135M on `standard`, both sides, one cold process
       bgstart default_standard python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
     waitstandard) bgwait default_standard ;;
