@@ -186,3 +186,44 @@ def test_run_golden_on_tiny_model(tiny_model_dir, tmp_path):
     cand = run_golden(engine, spec, reference=base)
     s = compare_golden(base, cand)
     assert s.exact_match_rate == 1.0 and s.mean_kl < 1e-6 and s.top1_agreement == 1.0
+
+
+def test_golden_rows_fill_one_batch_of_tokens():
+    from quantgate.engines.base import EngineLimits
+    from quantgate.evaluation.golden import golden_rows
+
+    lim = EngineLimits(max_batch_size=8, max_input_len=2048, max_seq_len=2304)
+    assert golden_rows(lim, [60] * 24, 48) == 24  # short prompts: all in one batch
+    assert golden_rows(lim, [60] * 500, 48) == 8 * 2304 // 108  # capped by one batch's tokens
+    assert golden_rows(lim, [2000, 10], 256) == 8  # long prompts: never below max_batch_size
+    assert golden_rows(lim, [2000] * 3, 256) == 8
+    assert golden_rows(lim, [], 48) == 8
+
+
+def test_generate_rows_per_batch_keep_the_tokens(tiny_model_dir):
+    """More rows per batch (max_rows) changes how prompts are grouped, not what is generated."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantgate.engines.base import EngineLimits
+    from quantgate.engines.torch_engine import TorchEngine
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    engine = TorchEngine.from_model(model, tok, EngineLimits(2, 128, 160), device="cpu")
+    prompts = [tok.encode(t) for t in ("The for statement", "Explain classes to me.", "A list", "def f(x):", "while True")]
+    calls: list[int] = []
+    real = model.generate
+
+    def counting(*a, **k):
+        calls.append(int(k["input_ids"].shape[0]))
+        return real(*a, **k)
+
+    model.generate = counting  # type: ignore[method-assign]
+    by_two = engine.generate(prompts, 10)
+    assert calls == [2, 2, 1]
+    calls.clear()
+    at_once = engine.generate(prompts, 10, max_rows=5)
+    assert calls == [5]
+    assert [g.token_ids for g in at_once] == [g.token_ids for g in by_two]
+    assert [g.text for g in at_once] == [g.text for g in by_two]

@@ -103,9 +103,11 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()
+        self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = (), max_rows: int | None = None
     ) -> list[Generation]:
-        """Greedy continuation of each prompt, stopping at EOS, a stop string or max_new_tokens."""
+        """Greedy continuation of each prompt, stopping at EOS, a stop string or max_new_tokens.
+        `max_rows`: rows per batch (None: limits.max_batch_size); a caller with short prompts may
+        ask for more rows within the same tokens (evaluation/golden.py)."""
 
     @abstractmethod
     def info(self) -> EngineInfo: ...

@@ -486,7 +486,8 @@ class TensorRTLLMEngine(Engine):
                 results[i] = score_from_context_logits(requests[i].token_ids, requests[i].start, getattr(out, "context_logits", None), top_k)
 
     # -- generation --
-    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = (), max_rows: int | None = None) -> list[Generation]:
+        # max_rows is not used: the runtime schedules requests in flight up to its built max_batch_size.
         budgets = []
         for p in prompts:
             if not p:

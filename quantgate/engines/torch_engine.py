@@ -518,10 +518,10 @@ class TorchEngine(Engine):
 
     # -- generation --
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = (), max_rows: int | None = None) -> list[Generation]:
         out: list[Generation | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        bs = self.limits.max_batch_size
+        bs = max_rows or self.limits.max_batch_size
         for p in prompts:
             if len(p) > self.limits.max_input_len:
                 raise StageError("engine", f"prompt of {len(p)} tokens exceeds engine.max_input_len={self.limits.max_input_len}")

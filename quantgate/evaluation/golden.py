@@ -20,10 +20,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantgate.engines.base import Generation, ScoreRequest
+from quantgate.engines.base import EngineLimits, Generation, ScoreRequest
 from quantgate.errors import StageError
 from quantgate.evaluation.results import GoldenOutput, GoldenRecord, GoldenSummary
 
@@ -78,6 +79,23 @@ def _golden_prompts(spec: EvaluationSpec) -> list[dict[str, str]]:
 # ---- running -------------------------------------------------------------------------------------
 
 
+# Changes which prompts share a generation batch (so, in principle, rounding): part of the baseline key.
+GOLDEN_BATCHING = "token-budget/1"
+
+
+def golden_rows(limits: EngineLimits, prompt_lens: Sequence[int], max_new_tokens: int) -> int:
+    """Rows per golden generation batch. Golden prompts are short, so a batch may hold more rows
+    than max_batch_size within the tokens of one full batch (max_batch_size x max_seq_len, what the
+    memory plan provides for), never fewer. Decode steps on a CPU cost about the same for 8 or 24
+    rows (reading the weights dominates): 24 prompts x 48 tokens of SmolLM2 on 2 cores took 8.1 s
+    in one batch against 14.5 s in three, with identical tokens."""
+    if not prompt_lens:
+        return limits.max_batch_size
+    per_row = max(prompt_lens) + max_new_tokens
+    fits = limits.max_batch_size * limits.max_seq_len // max(per_row, 1)
+    return max(limits.max_batch_size, min(len(prompt_lens), fits))
+
+
 def run_golden(engine: Engine, spec: EvaluationSpec, *, reference: list[GoldenOutput] | None, generate: bool = True) -> list[GoldenOutput]:
     """Greedy outputs of every golden prompt, teacher-forced along `reference` (None: own output).
     generate=False (needs `reference`): teacher-forced scores only; each output is the
@@ -95,10 +113,10 @@ def run_golden(engine: Engine, spec: EvaluationSpec, *, reference: list[GoldenOu
         raise ValueError("run_golden(generate=False) needs a reference")
     gens: list[Generation] = []
     if generate:
-        step = engine.limits.max_batch_size
+        step = golden_rows(engine.limits, [len(i) for i in ids], gcfg.max_new_tokens)
         bar = tqdm(total=len(ids), desc="golden: generate", disable=not _progress(), leave=False)
         for b in range(0, len(ids), step):
-            gens += engine.generate(ids[b : b + step], gcfg.max_new_tokens)
+            gens += engine.generate(ids[b : b + step], gcfg.max_new_tokens, max_rows=step)
             bar.update(min(step, len(ids) - b))
         bar.close()
     else:

@@ -115,6 +115,7 @@ def baseline_key_parts(recipe: Any, model: ModelRef, ckpt: Checkpoint) -> dict[s
 
     from quantgate import __version__
     from quantgate.engines import backend_identity
+    from quantgate.evaluation.golden import GOLDEN_BATCHING
     from quantgate.evaluation.suites import suite_fingerprint
 
     versions = {}
@@ -133,6 +134,7 @@ def baseline_key_parts(recipe: Any, model: ModelRef, ckpt: Checkpoint) -> dict[s
         "backend": recipe.engine.backend,
         "engine": recipe.engine.model_dump(mode="json", exclude={"device"}),
         "backend_identity": backend_identity(recipe),
+        "golden_batching": GOLDEN_BATCHING,
         "versions": {**versions, "quantgate": __version__},
     }
 
