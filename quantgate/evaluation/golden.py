@@ -87,8 +87,7 @@ def golden_rows(limits: EngineLimits, prompt_lens: Sequence[int], max_new_tokens
     """Rows per golden generation batch. Golden prompts are short, so a batch may hold more rows
     than max_batch_size within the tokens of one full batch (max_batch_size x max_seq_len, what the
     memory plan provides for), never fewer. Decode steps on a CPU cost about the same for 8 or 24
-    rows (reading the weights dominates): 24 prompts x 48 tokens of SmolLM2 on 2 cores took 8.1 s
-    in one batch against 14.5 s in three, with identical tokens."""
+    rows (reading the weights dominates): bench/golden_batch.py."""
     if not prompt_lens:
         return limits.max_batch_size
     per_row = max(prompt_lens) + max_new_tokens
