@@ -4,6 +4,8 @@ process, same weights, each decode mode (EngineSpec.decode) in turn, alternating
   shrinking  eager steps, finished rows leave the batch (the decode up to session 7)
   fixed      fixed shapes (whole reserved buffer, masked tail), eager
   graph      the same fixed shapes, each step one CUDA graph replay (engines/decode_graph.py)
+  MODE@b     MODE as it decoded before the token budget and the overlap: `--batch` rows a batch
+             (not shared_decode_rows) and each step's tokens read before the next step is queued
 
 A shared prefix of `--prefix` tokens (GSM8K-CoT's 8 exemplars are ~800 with SmolLM2's tokenizer),
 `--rows` suffixes of 60..`--suffix` tokens, `--new` greedy tokens with no stop string (a random-
@@ -11,6 +13,7 @@ weight model rarely emits EOS, so every row runs to the end: steps = batches x n
 time per mode, ms per decode step, and how many rows' tokens equal the shrinking loop's.
 
     python bench/decode_modes.py MODEL_DIR --batch 64 --rows 128 --new 256 --out OUT.json
+    python bench/decode_modes.py MODEL_DIR --batch 64 --rows 234 --modes graph@b,graph --out OUT.json
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> None:
     from quantgate.engines.attention import use_grouped_decode_attention
     from quantgate.engines.base import EngineLimits
     from quantgate.engines.torch_engine import TorchEngine
+    from quantgate.engines.torch_prefix import generate_shared, shared_decode_rows
 
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
@@ -66,28 +70,40 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "torch": torch.__version__,
                     "model": args.model_dir.name, "layers": model.config.num_hidden_layers, "grouped_attention": grouped,
                     "batch": args.batch, "rows": args.rows, "prefix": args.prefix, "suffix_max": args.suffix, "new": args.new,
+                    "shared_decode_rows": shared_decode_rows(args.batch, 2304, args.prefix, sizes, args.new),
                     "load_s": round(load_s, 1), "runs": {m: [] for m in modes},
                     # SDPBackend ids (1 flash, 2 efficient, 0 math, 3 cuDNN): the order SDPA tries them in
                     "sdp_priority": [int(b) for b in torch._C._get_sdp_priority_order()]}
     tokens: dict[str, list[list[int]]] = {}
     for _rep in range(args.repeats):
         for mode in modes:
-            engine.decode_mode = mode
+            engine.decode_mode, before = mode.split("@")[0], mode.endswith("@b")
             engine._one_time.clear()
             if args.device != "cpu":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            gens = engine.generate_shared(prefix, suffixes, args.new)
+            gens = generate_shared(engine, prefix, suffixes, args.new, rows_per_batch=args.batch if before else None, overlap=not before)
             if args.device != "cpu":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t
-            steps = sum(max(len(x.token_ids) for x in gens[i : i + args.batch]) for i in range(0, len(gens), args.batch))
+            costs = engine.one_time_costs()
+            if "decode_batches" in costs:  # fixed shapes: every step of every batch
+                steps = int(costs["decode_graph_replays"] + costs["decode_eager_steps"])
+            else:
+                steps = sum(max(len(x.token_ids) for x in gens[i : i + args.batch]) for i in range(0, len(gens), args.batch))
             tokens[mode] = [x.token_ids for x in gens]
             result["runs"][mode].append({"wall_s": round(wall, 2), "decode_steps": steps, "ms_per_step": round(1000 * wall / max(steps, 1), 2),
-                                         **{k: v for k, v in engine.one_time_costs().items() if k.startswith("decode")}})
+                                         "tokens_per_s": round(sum(len(x.token_ids) for x in gens) / wall, 1),
+                                         **{k: v for k, v in costs.items() if k.startswith("decode")}})
             print(mode, result["runs"][mode][-1], flush=True)
     med = {m: statistics.median(r["ms_per_step"] for r in runs) for m, runs in result["runs"].items()}
     result["median_ms_per_step"] = med
+    walls = {m: statistics.median(r["wall_s"] for r in runs) for m, runs in result["runs"].items()}
+    result["median_wall_s"] = walls
+    for m in walls:  # the token budget and the overlap against the decode before them
+        if m.endswith("@b") and m[:-2] in walls:
+            result[f"wall_ratio_{m[:-2]}_vs_{m}"] = round(walls[m[:-2]] / walls[m], 3)
+            result[f"rows_equal_{m[:-2]}_vs_{m}"] = sum(a == b for a, b in zip(tokens[m[:-2]], tokens[m], strict=True))
     if "shrinking" in med:
         result["ratio_vs_shrinking"] = {m: round(v / med["shrinking"], 3) for m, v in med.items()}
         ref = tokens["shrinking"]

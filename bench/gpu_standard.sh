@@ -26,7 +26,7 @@
 # single-process run under setsid (it lives until the machine goes back), `wait8b` / `waitstandard`
 # wait for it (WAIT_S seconds at most, default 540) and copy its JSON, log and wall time to OUT.
 # The next call must come within the machine's idle release (30 s).
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|cold|gputests|kernelbench|decodemodes|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|cold|gputests|kernelbench|decodemodes|decodebatching|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
 # (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds; BIG_BATCH: batch size of `big`/`resume`/`standard`;
 #  KB_FORMATS: formats of `kernelbench`)
 set -uo pipefail
@@ -120,6 +120,10 @@ for s in "$@"; do
       build8b
       step decode_modes 300 python3 bench/decode_modes.py "$keep/models/llama-8b" --batch "$BIG_BATCH" --rows "$BIG_BATCH" --new 256 \
         --repeats 2 --out "$out/decode_modes.json" ;;
+    decodebatching)  # generate_shared as the gate runs it (token-budget rows, overlapped steps) vs before (BIG_BATCH rows, serial)
+      build8b
+      step decode_batching 300 python3 bench/decode_modes.py "$keep/models/llama-8b" --batch "$BIG_BATCH" \
+        --rows "${DB_ROWS:-242}" --new 256 --repeats 2 --modes graph@b,graph --out "$out/decode_batching.json" ;;
     decodecache)  # decode steps of the 8B shape: DynamicCache (torch.cat per step) vs the reserved cache, same process
       step decode_cache 240 python3 bench/decode_attention.py --compare cache --shape llama-3.1-8b --batch 128 --context 900 \
         --steps 32 --repeats 3 --out "$out/decode_cache.json" ;;

@@ -9,7 +9,9 @@ What each stage holds (measured on an H200 for the Llama-3.1-8B shape, bench/gpu
 - baseline_export: the 16-bit model on the CPU (host RAM), nothing on the GPU.
 - baseline_evaluate: the 16-bit weights (the loader streams tensor by tensor: peak = weights) plus
   the scoring workspace of one batch (activations, the transient KV cache of the forward, one
-  row's fp32 log-probs over the vocabulary).
+  row's fp32 log-probs over the vocabulary). Generation holds no more: a shared-prefix decode
+  batch reserves at most max_batch_size x max_seq_len KV tokens, however many rows that is
+  (engines/torch_prefix.shared_decode_rows), and golden batches likewise (evaluation/golden.py).
 - calibrate: the 16-bit model, ModelOpt's quantizer state (small) and one calibration batch's
   activations; AWQ's search keeps a layer's inputs and a copy of one layer's weights.
 - export: in place on the calibrated model plus one layer's quantized copy.

@@ -10,7 +10,12 @@ TEXTS = ["def mul(a, b):", "for i in range(10):\n", "x", "import os", "class A:"
          "print(1)", "y = [", "if x:", "return", "def f():\n    ", "a = 1\nb = 2", "try:", "with open(p) as f:", "z"]
 
 
-def _generations(model_dir, modes, device="cpu", dtype=torch.float32, grouped=True):
+# 16 rows at max_batch_size 8: shared_decode_rows puts 12 in a batch (> 8: the KV token budget
+# of 8 x 96 tokens holds 12 rows of 64 reserved slots), so there are two batches, of 12 and 4.
+LIMITS = {"max_batch_size": 8, "max_input_len": 64, "max_seq_len": 96}
+
+
+def _generations(model_dir, modes, device="cpu", dtype=torch.float32, grouped=True, **kwargs):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from quantgate.engines.attention import use_grouped_decode_attention
@@ -23,12 +28,17 @@ def _generations(model_dir, modes, device="cpu", dtype=torch.float32, grouped=Tr
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
     if grouped:  # as TorchEngine.load does; else transformers' sdpa gets the fixed-shape mask
         assert use_grouped_decode_attention(model)
-    engine = TorchEngine.from_model(model, tok, EngineLimits(max_batch_size=8), device=device)
+    engine = TorchEngine.from_model(model, tok, EngineLimits(**LIMITS), device=device)
     out, stats = {}, {}
     for mode in modes:
         engine.decode_mode = mode
         engine._one_time.clear()
-        gens = engine.generate_shared(prefix, suffixes, 24, stop=("\n",))
+        if kwargs:
+            from quantgate.engines.torch_prefix import generate_shared
+
+            gens = generate_shared(engine, prefix, suffixes, 24, stop=("\n",), **kwargs)
+        else:
+            gens = engine.generate_shared(prefix, suffixes, 24, stop=("\n",))
         out[mode] = [(g.token_ids, g.text, g.finish_reason) for g in gens]
         stats[mode] = dict(engine.one_time_costs())
     return out, stats
@@ -52,8 +62,49 @@ def test_fixed_shapes_give_the_shrinking_loops_tokens(tiny_model_dir, monkeypatc
     assert out2["fixed"] == out["shrinking"]
     assert len({len(t) for t, _, _ in out["shrinking"]}) >= 2 and shrink_drops  # the shrinking loop did drop rows
     assert not drops  # the fixed one never did
-    assert stats2["fixed"]["decode_batches"] == 2 and stats2["fixed"]["decode_eager_steps"] > 0
+    assert stats2["fixed"]["decode_batches"] == 2 and stats2["fixed"]["decode_eager_steps"] > 0  # 12 + 4 rows
     assert stats2["fixed"]["decode_graph_replays"] == 0 and "decode_batches" not in stats["shrinking"]
+
+
+def test_shared_decode_rows_fill_one_full_batchs_kv_tokens():
+    from quantgate.engines.torch_prefix import shared_decode_rows
+
+    # GSM8K-CoT-like: 800-token prefix, suffixes up to 160, 256 new -> 1216 slots a row
+    assert shared_decode_rows(64, 2304, 800, [160, 90, 60] * 500, 256) == 64 * 2304 // 1216 == 121
+    assert shared_decode_rows(64, 2304, 800, [160] * 100, 256) == 100  # never more rows than prompts
+    assert shared_decode_rows(64, 2304, 2000, [200] * 500, 2048) == 64  # never fewer than max_batch_size
+    assert shared_decode_rows(8, 96, 10, [], 24) == 8
+    for rows, per_row in ((121, 1216), (12, 64)):
+        assert rows * per_row <= (64 * 2304 if rows > 12 else 8 * 96)  # within the memory plan's tokens
+
+
+def test_overlapped_steps_give_the_same_tokens_and_discard_at_most_one_step_a_batch(tiny_model_dir, monkeypatch):
+    """Step t+1 queued before step t's tokens are read (overlap) changes no token, text or finish
+    reason; it computes at most one step per batch more, whose tokens nobody reads."""
+    from quantgate.engines import decode_graph, torch_prefix
+
+    events = []
+    step, read = decode_graph.FixedShapeDecoder.step, torch_prefix._StepTokens.read
+
+    def spy_step(dec, tok):
+        events.append("step")
+        return step(dec, tok)
+
+    def spy_read(reader):
+        events.append("read")
+        return read(reader)
+
+    monkeypatch.setattr(decode_graph.FixedShapeDecoder, "step", spy_step)
+    monkeypatch.setattr(torch_prefix._StepTokens, "read", spy_read)
+    out_a, _ = _generations(tiny_model_dir, ["fixed"], overlap=False)
+    plain, events[:] = list(events), []
+    out_b, stats = _generations(tiny_model_dir, ["fixed"], overlap=True)
+    assert out_b == out_a
+    assert plain[:2] == ["read", "step"] and events[:2] == ["step", "read"]  # the next step queued first
+    assert plain.count("read") == events.count("read")
+    assert plain.count("step") <= events.count("step") <= plain.count("step") + stats["fixed"]["decode_batches"]
+    _, stats_c = _generations(tiny_model_dir, ["fixed"], rows_per_batch=5)  # rows as asked: 5 + 5 + 5 + 1
+    assert stats_c["fixed"]["decode_batches"] == 4
 
 
 def test_freezing_zeroes_the_unwritten_slots_and_capacity_must_be_aligned():

@@ -29,7 +29,7 @@ from quantgate.engines.base import (
     ScoreResult,
     trim_at_stop,
 )
-from quantgate.engines.torch_prefix import score_segments
+from quantgate.engines.torch_prefix import SHARED_DECODE_BATCHING, score_segments
 from quantgate.errors import StageError
 
 if TYPE_CHECKING:
@@ -351,8 +351,10 @@ def identity(recipe: Any) -> dict[str, Any]:
     # reads K/V as views of a reserved buffer (engines/kv_cache.py), which kernels may round otherwise.
     # "decode": how shared-prefix generation steps run (engines/decode_graph.py); a fixed-shape
     # step attends over the whole reserved buffer with the tail masked, which kernels may round otherwise.
+    # "shared_decode_batching": how many rows such a batch holds (torch_prefix.shared_decode_rows).
     return {"device_type": device, "compute_dtype": str(compute_dtype_for(device, recipe.model.dtype)), "torch": torch.__version__,
-            "attention": "sdpa+grouped-decode/1", "kv_cache": "reserved/1", "decode": f"{resolved_decode(recipe.engine.decode, device)}/1"}
+            "attention": "sdpa+grouped-decode/1", "kv_cache": "reserved/1", "decode": f"{resolved_decode(recipe.engine.decode, device)}/1",
+            "shared_decode_batching": SHARED_DECODE_BATCHING}
 
 
 def resolved_decode(mode: str, device: str) -> str:
@@ -511,10 +513,11 @@ class TorchEngine(Engine):
         cfg = self.model.config
         decoder = getattr(self.model, "get_decoder", lambda: None)()
         head = self.model.get_output_embeddings()
+        # use_cache=False: else transformers keeps a copy of every layer's K/V until the forward ends
         if decoder is None or head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             return logits, lambda x: x
-        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state, head
+        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state, head
 
     # -- generation --
     @torch.inference_mode()

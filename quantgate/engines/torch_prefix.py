@@ -199,14 +199,33 @@ def _finish(engine: TorchEngine, new: list[int], stop: Sequence[str]) -> Generat
     return Generation(new, text, "stop" if stopped else reason)
 
 
+# How generate_shared groups rows (part of the engine's identity: a batch's shapes may change rounding).
+SHARED_DECODE_BATCHING = "token-budget/1"
+
+
+def shared_decode_rows(max_batch_size: int, max_seq_len: int, prefix_len: int, suffix_lens: Sequence[int], max_new_tokens: int) -> int:
+    """Rows per generate_shared batch: as many as fit the KV tokens of one full batch
+    (max_batch_size x max_seq_len, what the memory plan provides for) at each row's reserved
+    capacity, never fewer than max_batch_size. A decode step reads all weights once whatever the
+    rows, so GSM8K-CoT's ~1,200-token rows at max_batch_size 64 / max_seq_len 2304 decode 117 to a
+    step instead of 64 (bench/decode_modes.py measures it)."""
+    if not suffix_lens:
+        return max_batch_size
+    per_row = aligned(prefix_len + max(suffix_lens) + max(max_new_tokens, 1))
+    return max(max_batch_size, min(len(suffix_lens), max_batch_size * max_seq_len // per_row))
+
+
 @torch.inference_mode()
 def generate_shared(
-    engine: TorchEngine, prefix: list[int], suffixes: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = ()
+    engine: TorchEngine, prefix: list[int], suffixes: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = (),
+    *, rows_per_batch: int | None = None, overlap: bool = True,
 ) -> list[Generation]:
     """Greedy generation for prompts `prefix + suffix`: the prefix (e.g. GSM8K-CoT's 8 exemplars)
     runs ONCE; each batch (longest suffix first) continues from a copy of its KV cache. Suffixes
     are left-padded after the prefix (padding masked, positions explicit), so every row sees
-    exactly its own prompt; a row stops at EOS or a stop string, the batch when all rows have."""
+    exactly its own prompt; a row stops at EOS or a stop string, the batch when all rows have.
+    `rows_per_batch` (None: shared_decode_rows) and `overlap` (see _decode_fixed_shape) are for
+    bench/decode_modes.py's comparisons."""
     model = engine.model
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     dev, limits = engine.device, engine.limits
@@ -222,8 +241,9 @@ def generate_shared(
     prefix_last = base.last_hidden_state[0, -1]
     out: list[Generation | None] = [None] * len(suffixes)
     order = sorted(range(len(suffixes)), key=lambda i: -len(suffixes[i]))
-    for b in range(0, len(order), limits.max_batch_size):
-        idx = order[b : b + limits.max_batch_size]
+    step_rows = rows_per_batch or shared_decode_rows(limits.max_batch_size, limits.max_seq_len, p_len, [len(s) for s in suffixes], max_new_tokens)
+    for b in range(0, len(order), step_rows):
+        idx = order[b : b + step_rows]
         rows = [list(suffixes[i]) for i in idx]
         n = len(idx)
         width = max(len(r) for r in rows)
@@ -253,11 +273,12 @@ def generate_shared(
         next_pos = p_len + lens
         first = head(last).float().argmax(dim=-1)
         if fixed:
-            new = _decode_fixed_shape(engine, cache, mask, next_pos, first, budget, stop, graph=mode == "graph")
+            new = _decode_fixed_shape(engine, cache, mask, next_pos, first, budget, stop, graph=mode == "graph", overlap=overlap)
         else:
             new = _decode_shrinking(engine, cache, mask, next_pos, first, budget, stop)
         for k, i in enumerate(idx):
             out[i] = _finish(engine, new[k], stop)
+        del cache  # before the next batch reserves its own: two batches' KV would exceed the memory plan
     return out  # type: ignore[return-value]
 
 
@@ -299,20 +320,51 @@ def decode_mode(engine: TorchEngine) -> str:
     return resolved_decode(getattr(engine, "decode_mode", "auto"), engine.device)
 
 
+class _StepTokens:
+    """A step's tokens on their way to the host: the copy is queued behind the step, so the next
+    step can be queued before this one is read (CUDA: pinned buffer + event; CPU: a plain read)."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.event = torch.cuda.Event() if like.is_cuda else None
+        self.host = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+
+    def start(self, tok: torch.Tensor) -> None:
+        self.host.copy_(tok, non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 def _decode_fixed_shape(engine: TorchEngine, cache: Any, mask: torch.Tensor, next_pos: torch.Tensor, tok: torch.Tensor,
-                        budget: int, stop: Sequence[str], *, graph: bool) -> list[list[int]]:
-    """Greedy tokens per row, every row kept to the end; with `graph`, each step one CUDA graph replay."""
+                        budget: int, stop: Sequence[str], *, graph: bool, overlap: bool = True) -> list[list[int]]:
+    """Greedy tokens per row, every row kept to the end; with `graph`, each step one CUDA graph replay.
+
+    With `overlap`, step t+1 is queued on the GPU before step t's tokens are read and checked for
+    EOS and stop strings on the CPU (a batched detokenization each step), so that check runs while
+    the GPU decodes. The tokens are the same; when every row has finished, the one step queued
+    ahead is discarded. Finished rows compute anyway at fixed shapes, so nothing else changes."""
     from quantgate.engines.decode_graph import FixedShapeDecoder
 
     rows = _RowTokens(engine, len(tok), stop)
     present = range(len(tok))
     dec = FixedShapeDecoder(engine.model, cache, mask, next_pos, graph=graph)
+    reader = _StepTokens(tok)
     try:
+        reader.start(tok)  # before the step below: a replay overwrites the graph's output buffer
         for step in range(budget):
-            rows.add(tok.tolist(), present)
-            if rows.all_done or step == budget - 1:
+            last = step == budget - 1
+            if overlap and not last:
+                tok = dec.step(tok)
+            rows.add(reader.read(), present)
+            if rows.all_done or last:
                 break
-            tok = dec.step(tok)
+            if not overlap:
+                tok = dec.step(tok)
+            reader.start(tok)
     finally:
         dec.close()
         engine.note_decode(dec.stats())

@@ -419,7 +419,9 @@ class QuantgateLM(LM):
             # Few-shot prompts share their exemplars: an engine that can runs them once per call.
             common = _common_prefix(prompts) if self.share_contexts and self.engine.shares_prefixes and len(idx) > 1 else []
             if len(common) >= MIN_SHARED_PREFIX:
-                step *= 4  # the shared prefix is computed once per call
+                # One call: the prefix runs once, and the engine sizes its own batches (the torch
+                # engine fits more rows than max_batch_size; chunks would leave part-filled batches).
+                step = len(order)
             else:
                 common = []
             for b in range(0, len(order), step):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -122,6 +123,10 @@ def start_modelopt_cuda_compile(recipe: Any) -> subprocess.Popen[bytes]:
 
 def warm_up_in_child(payload: str) -> None:
     from quantgate.recipe import QuantizationSpec
+
+    # Lowest CPU priority for this child and its nvcc jobs: the parent's evaluation drives the GPU
+    # from the CPU meanwhile, and calibration needs the result only minutes later.
+    os.nice(19)
 
     data = json.loads(payload)
     quantization = QuantizationSpec.model_validate(data["quantization"])
