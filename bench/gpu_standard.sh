@@ -26,7 +26,7 @@
 # single-process run under setsid (it lives until the machine goes back), `wait8b` / `waitstandard`
 # wait for it (WAIT_S seconds at most, default 540) and copy its JSON, log and wall time to OUT.
 # The next call must come within the machine's idle release (30 s).
-# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|cold|gputests|kernelbench|decodemodes|decodebatching|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
+# Usage: bench/gpu_standard.sh OUT stash|stash2|setup|carry|gguf|cold|gpudecode|gputests|kernelbench|decodemodes|decodebatching|decodecache|standard|bg8b|wait8b|bgstandard|waitstandard|kernels|ladder|separate|big|bigbase|bigfp8|resume [...]
 # (BIG_LIMIT=N: evaluation.limit for `big`; BIG_TIMEOUT: seconds; BIG_BATCH: batch size of `big`/`resume`/`standard`;
 #  KB_FORMATS: formats of `kernelbench`)
 set -uo pipefail
@@ -135,6 +135,8 @@ for s in "$@"; do
         ${BIG_LIMIT:+--set evaluation.limit=$BIG_LIMIT} ;;
     standard)  # cut by a call's limit? run it again in the next call: it resumes after its last complete stage
       step default_standard 560 python3 -m quantgate.cli run recipes/fp8_standard.yaml "${common[@]}" "${big[@]}" ;;
+    gpudecode)  # the CUDA tests of the decode alone
+      step pytest_gpu 180 python3 -m pytest -m gpu tests/test_decode_graph.py -q -p no:cacheprovider ;;
     gputests)  # the CUDA tests (marked gpu) of the kernels: real kernels vs the reference path
       step pytest_gpu 240 python3 -m pytest -m gpu tests/test_kernels.py tests/test_decode_graph.py -q -p no:cacheprovider ;;
     kernelbench)  # issue 12: FP8 (joined and separate projections) vs bf16 on the Llama-3.1-8B shape
