@@ -107,6 +107,14 @@ def test_overlapped_steps_give_the_same_tokens_and_discard_at_most_one_step_a_ba
     assert stats_c["fixed"]["decode_batches"] == 4
 
 
+@pytest.mark.parametrize("mode", ["fixed", "shrinking"])
+def test_rows_per_batch_change_no_token_in_float32(tiny_model_dir, mode):
+    """Each row's generation is its own whatever batch it lands in (fp32 on the CPU: no rounding
+    differences between batch shapes), so a wrong row-to-output mapping would show here."""
+    outs = [_generations(tiny_model_dir, [mode], rows_per_batch=r)[0][mode] for r in (3, 7, 16)]
+    assert outs[0] == outs[1] == outs[2]
+
+
 def test_freezing_zeroes_the_unwritten_slots_and_capacity_must_be_aligned():
     """A fixed-shape step reads every slot and masks the unwritten ones; NaN bits there would still
     poison the softmax (q.k + -inf is NaN), so freezing zeroes them: a poisoned tail changes nothing."""

@@ -513,11 +513,10 @@ class TorchEngine(Engine):
         cfg = self.model.config
         decoder = getattr(self.model, "get_decoder", lambda: None)()
         head = self.model.get_output_embeddings()
-        # use_cache=False: else transformers keeps a copy of every layer's K/V until the forward ends
         if decoder is None or head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
             return logits, lambda x: x
-        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state, head
+        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state, head
 
     # -- generation --
     @torch.inference_mode()
