@@ -16,7 +16,7 @@
 #                    two files quantgate reads) and smart_open
 #   call 3 `setup standard`: .carry/g3/whl = lm-eval, datasets, ModelOpt, pydantic... (PuLP without
 #                    its CBC binaries), then the runs
-#   or, for the 8B runs only (no GGUF), one call `carry`: .carry/g1 = data.tgz (as above), tok/ (the converted
+#   or, for the 8B runs only (no GGUF), one call `carry` (bench/make_gpu_carry.sh builds .carry/g1): .carry/g1 = data.tgz (as above), tok/ (the converted
 #                    SmolLM2 tokenizer files: tokenizer.json, tokenizer_config.json, chat_template.jinja,
 #                    generation_config.json) and whl/ (the wheels of g2 and g3), 35 MB; with the GGUF's
 #                    first 31,500,000 bytes gzipped as .carry/g1/gguf1.gz when the default model runs later, and

@@ -162,6 +162,38 @@ def test_prompt_length_check(suite_dir, tiny_tok):
     assert f"longest {longest} tokens" in msg and "never truncated" in msg
 
 
+def test_prompt_length_check_is_not_repeated_for_the_same_tokenizer_content(suite_dir, tiny_tok, tiny_model_dir, monkeypatch):
+    """The candidate's tokenizer (another object, same files) skips the check the baseline passed;
+    other limits, another chat template or a failing check are checked (and fail) every time."""
+    from transformers import AutoTokenizer
+
+    from quantgate.evaluation import suites
+
+    spec = EvaluationSpec(suite=str(suite_dir), golden={"max_new_tokens": 8})
+    built = suites.build_suite(spec.suite, spec.seed)
+    tasks, _ = suites.load_task_dict(built, spec)
+    longest = suites.longest_prompt_tokens(tiny_tok, spec)
+    calls = []
+    real = suites._request_lengths
+    monkeypatch.setattr(suites, "_request_lengths", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(suites, "_LENGTHS_PASSED", set())
+    suites.check_prompt_lengths(_TokOnlyEngine(tiny_tok, longest, longest + 8), tasks, spec, built)
+    assert len(calls) == 1
+    again = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert again is not tiny_tok
+    suites.check_prompt_lengths(_TokOnlyEngine(again, longest, longest + 8), tasks, spec, built)
+    assert len(calls) == 1  # skipped
+    suites.check_prompt_lengths(_TokOnlyEngine(again, longest + 1, longest + 8), tasks, spec, built)
+    assert len(calls) == 2  # other limits: checked
+    again.chat_template = "{{ messages[0]['content'] }} and more"
+    suites.check_prompt_lengths(_TokOnlyEngine(again, longest, longest + 8), tasks, spec, built)
+    assert len(calls) == 3  # another chat template: checked
+    for _ in range(2):
+        with pytest.raises(PreflightError):
+            suites.check_prompt_lengths(_TokOnlyEngine(again, longest - 1, longest + 8), tasks, spec, built)
+    assert len(calls) == 5  # a failure is never remembered
+
+
 def test_standard_task_without_hub_fails_with_one_line(suite_dir, tmp_path, monkeypatch):
     """A standard lm-eval task whose data lives on the hub: one line, no traceback. (A stand-in
     task dir replaces lm-eval's 14k-task index, which takes seconds to build.)"""

@@ -650,8 +650,35 @@ def longest_prompt_tokens(engine_tokenizer: Any, spec: EvaluationSpec) -> int:
     return max(lengths, default=0)
 
 
+# Prompt-length checks passed in this process. A gate's candidate loads its own copy of the
+# baseline's tokenizer files; the same tokenizer content, suite, spec and limits give the same
+# lengths, so its check (building every request once more: ~5-9 s on `standard`) is skipped.
+_LENGTHS_PASSED: set[str] = set()
+
+
+def _length_check_key(engine: Engine, spec: EvaluationSpec) -> str | None:
+    from quantgate.evaluation.lm_eval_adapter import ENCODING_MEMO
+
+    tok_key = ENCODING_MEMO.tokenizer_key(engine.tokenizer)
+    if tok_key is None:  # a slow tokenizer: no content key, always checked
+        return None
+    limits = engine.limits
+    return _sha(tok_key, str(getattr(engine.tokenizer, "chat_template", None)),  # golden prompts use the template
+                suite_fingerprint(spec), spec.model_dump_json(), f"{limits.max_input_len}/{limits.max_seq_len}")
+
+
 def check_prompt_lengths(engine: Engine, tasks: dict[str, Any], spec: EvaluationSpec, built: BuiltSuite) -> None:
     """Fail (one line) if any request would not fit the engine; never truncate."""
+    key = _length_check_key(engine, spec)
+    if key is not None and key in _LENGTHS_PASSED:
+        log.info("prompt lengths: checked already in this process for the same tokenizer, suite and limits")
+        return
+    _check_prompt_lengths(engine, tasks, spec, built)
+    if key is not None:
+        _LENGTHS_PASSED.add(key)
+
+
+def _check_prompt_lengths(engine: Engine, tasks: dict[str, Any], spec: EvaluationSpec, built: BuiltSuite) -> None:
     limits = engine.limits
     seq_limit = min(limits.max_input_len, limits.max_seq_len)
     over: list[tuple[str, int]] = []
