@@ -55,6 +55,14 @@ class EngineLimits:
     max_input_len: int = 2048
     max_seq_len: int = 2304
 
+    def rows_within_batch_tokens(self, rows: int, tokens_per_row: int) -> int:
+        """Rows per batch for `rows` sequences of up to `tokens_per_row` tokens: as many as the
+        tokens of one full batch (max_batch_size x max_seq_len, what the memory plan provides for)
+        hold, never fewer than max_batch_size, never more than `rows`. Generation batches of short
+        sequences use it (golden prompts, shared-prefix decode): a decode step reads all weights
+        once whatever the rows."""
+        return max(self.max_batch_size, min(rows, self.max_batch_size * self.max_seq_len // max(tokens_per_row, 1)))
+
 
 @dataclass
 class EngineInfo:

@@ -22,6 +22,7 @@ import torch
 
 from quantgate.engines.base import (
     ChoiceRequest,
+    EngineLimits,
     Generation,
     ScoreRequest,
     ScoreResult,
@@ -204,15 +205,13 @@ SHARED_DECODE_BATCHING = "token-budget/1"
 
 
 def shared_decode_rows(max_batch_size: int, max_seq_len: int, prefix_len: int, suffix_lens: Sequence[int], max_new_tokens: int) -> int:
-    """Rows per generate_shared batch: as many as fit the KV tokens of one full batch
-    (max_batch_size x max_seq_len, what the memory plan provides for) at each row's reserved
-    capacity, never fewer than max_batch_size. A decode step reads all weights once whatever the
-    rows, so GSM8K-CoT's ~1,200-token rows at max_batch_size 64 / max_seq_len 2304 decode 117 to a
-    step instead of 64 (bench/decode_modes.py measures it)."""
+    """Rows per generate_shared batch (EngineLimits.rows_within_batch_tokens at each row's reserved
+    KV capacity): GSM8K-CoT's 1,216-slot rows at max_batch_size 64 / max_seq_len 2304 decode 121
+    to a step instead of 64 (bench/decode_modes.py measures it)."""
     if not suffix_lens:
         return max_batch_size
     per_row = aligned(prefix_len + max(suffix_lens) + max(max_new_tokens, 1))
-    return max(max_batch_size, min(len(suffix_lens), max_batch_size * max_seq_len // per_row))
+    return EngineLimits(max_batch_size, max_seq_len, max_seq_len).rows_within_batch_tokens(len(suffix_lens), per_row)
 
 
 @torch.inference_mode()

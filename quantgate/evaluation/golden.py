@@ -90,9 +90,7 @@ def golden_rows(limits: EngineLimits, prompt_lens: Sequence[int], max_new_tokens
     rows (reading the weights dominates): bench/golden_batch.py."""
     if not prompt_lens:
         return limits.max_batch_size
-    per_row = max(prompt_lens) + max_new_tokens
-    fits = limits.max_batch_size * limits.max_seq_len // max(per_row, 1)
-    return max(limits.max_batch_size, min(len(prompt_lens), fits))
+    return limits.rows_within_batch_tokens(len(prompt_lens), max(prompt_lens) + max_new_tokens)
 
 
 def run_golden(engine: Engine, spec: EvaluationSpec, *, reference: list[GoldenOutput] | None, generate: bool = True) -> list[GoldenOutput]:
