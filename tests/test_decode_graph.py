@@ -74,8 +74,13 @@ def test_shared_decode_rows_fill_one_full_batchs_kv_tokens():
     assert shared_decode_rows(64, 2304, 800, [160] * 100, 256) == 100  # never more rows than prompts
     assert shared_decode_rows(64, 2304, 2000, [200] * 500, 2048) == 64  # never fewer than max_batch_size
     assert shared_decode_rows(8, 96, 10, [], 24) == 8
-    for rows, per_row in ((121, 1216), (12, 64)):
-        assert rows * per_row <= (64 * 2304 if rows > 12 else 8 * 96)  # within the memory plan's tokens
+    from quantgate.engines.decode_graph import aligned
+
+    for mbs, seq, prefix, n, suffix, new in ((64, 2304, 800, 1319, 160, 256), (8, 96, 10, 16, 12, 24), (4, 512, 37, 90, 21, 5)):
+        rows = shared_decode_rows(mbs, seq, prefix, [suffix] * n, new)
+        per_row = aligned(prefix + suffix + new)
+        assert rows <= n and (rows == mbs or rows * per_row <= mbs * seq)  # within the memory plan's KV tokens
+        assert rows == n or rows == mbs or (rows + 1) * per_row > mbs * seq  # and no row more would fit
 
 
 def test_overlapped_steps_give_the_same_tokens_and_discard_at_most_one_step_a_batch(tiny_model_dir, monkeypatch):
